@@ -1,0 +1,529 @@
+"""Typed configuration: nested dataclasses, YAML files and dotted overrides.
+
+Precedence, lowest first: dataclass defaults < ``configs/base.yaml`` <
+experiment YAML < command-line ``section.key=value`` overrides.
+
+Every field carries a docstring (the string literal right below it), read by
+``describe()`` and printed by ``python -m cstn.config --describe``.
+Parsing has no side effects: nothing is created, downloaded or logged.
+
+Errors (unknown key, wrong type, bad value) raise :class:`ConfigError`, whose
+message names the key, where it came from (file or command line) and the
+closest valid key; the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
+    "EvalConfig", "LogConfig", "DistConfig", "ConfigError", "load_config", "save_config",
+    "config_hash", "to_dict", "flatten", "describe",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names key, source and a suggestion."""
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic/shards"
+    """Directory holding one sub-directory per split, each with ``manifest.json`` and shards."""
+    train_split: str = "train"
+    """Split name used for training."""
+    eval_split: str = "test"
+    """Split name used for evaluation (ILSVRC: ``val``; CUB and synthetic: ``test``)."""
+    backend: str = "auto"
+    """Input backend: ``auto`` (DALI+GPU decode with a GPU, else the faster CPU path), ``dali`` or ``torch``."""
+    image_size: int = 320
+    """Square network input size in pixels (the paper uses 320)."""
+    batch_size: int = 16
+    """Training micro-batch per rank (global batch = batch_size x grad_accum x world size)."""
+    eval_batch_size: int = 32
+    """Evaluation batch per rank."""
+    num_workers: int = 2
+    """Decode worker processes per rank (torch backend) or DALI CPU threads."""
+    random_flip: bool = True
+    """Random horizontal flip in training (probability 0.5)."""
+    random_resized_crop: bool = False
+    """Use a random-resized crop instead of a plain resize in training."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    """Area fraction range of the random-resized crop."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean (RGB, in [0, 1]) the model subtracts from its uint8 input / 255."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel standard deviation (RGB, in [0, 1])."""
+    on_corrupt: str = "fail"
+    """What a corrupt sample inside a shard does: ``fail`` (error naming the shard) or ``skip`` (counted)."""
+    shuffle_buffer: int = 1000
+    """Samples held for in-reader shuffling in training (shards are also pre-shuffled at conversion)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "cstn"
+    """Model family: ``cstn`` (FPN + per-level head, joint p(c, l, s)) or ``cam`` (GAP classifier baseline)."""
+    head: str = "cstn"
+    """Per-level head of the ``cstn`` family: ``cstn`` (transform learned) or ``conv`` (plain k x k conv, Table II)."""
+    head_impl: str = "fast"
+    """CSTN head implementation: ``fast`` (channels projected before sampling) or ``reference`` (grid_sample + conv)."""
+    backbone: str = "resnet50"
+    """torchvision ResNet depth: ``resnet10``, ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``."""
+    width: float = 1.0
+    """Channel-width multiplier of the backbone (only for resnet10: 0.5 gives the CPU demo model)."""
+    backbone_weights: Optional[str] = None
+    """Local file with backbone weights (a torchvision state dict); nothing is ever downloaded."""
+    num_classes: int = 1000
+    """Number of classes C."""
+    fpn_channels: int = 256
+    """Channels P of every FPN level."""
+    levels: list[int] = field(default_factory=lambda: [4, 5])
+    """FPN levels used: 4 (stride 16) and/or 5 (stride 32)."""
+    kernel_sizes: list[int] = field(default_factory=lambda: [13, 7])
+    """Window size k (cells) per level, in the order of ``levels`` (authors: 13 on P4, 7 on P5)."""
+    paddings: list[int] = field(default_factory=lambda: [0, 0])
+    """Zero padding (cells) per level; 0 (the authors') leaves window centres in the middle only."""
+    loc_hidden: int = 128
+    """Hidden channels of the theta-predicting localisation net."""
+    head_channels: int = 256
+    """Channels of the k x k filter bank before the 1x1 class conv."""
+    cam_last_stride: int = 2
+    """Stride of the last ResNet stage for CAM (1 as in Choe et al. gives finer maps)."""
+
+
+@dataclass
+class LossConfig:
+    theta_lambda: float = 1e-4
+    """Weight lambda of L_theta (paper eq. 2; Table III)."""
+    theta_reduction: str = "sum"
+    """``sum`` over levels and locations (the paper's) or ``mean`` per location (resolution independent)."""
+    scale_alpha: float = 0.0
+    """Weight alpha of the level hinge L_scale (paper eq. 3; authors: 5 on CUB)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """Optimizer: ``sgd`` (momentum, the authors') or ``adamw``."""
+    lr: float = 1e-3
+    """Base learning rate of the new layers, for the global batch."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """Weight decay (not applied to norms and biases)."""
+    backbone_lr_mult: float = 1.0
+    """Learning-rate multiplier of the pretrained backbone."""
+    theta_lr_mult: float = 0.05
+    """Learning-rate multiplier of the theta-predicting layers (DESIGN §7: full rate blows boxes up)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: ``cosine``, ``step`` or ``constant``."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    step_epochs: list[int] = field(default_factory=lambda: [])
+    """Epochs at which ``step`` multiplies the rate by ``gamma``."""
+    gamma: float = 0.1
+    """Decay factor of the ``step`` schedule."""
+    grad_clip: float = 0.0
+    """Gradient norm clip (0 = off)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    """Training epochs."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16`` (GPU only, loss scaling)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    seed: int = 0
+    """Global seed (each rank derives its own from it)."""
+    deterministic: bool = False
+    """Deterministic algorithms (needed for bit-exact resume tests)."""
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints, resolved config, metrics, the local MLflow store."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N steps (0 = at epoch end only)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best."""
+    eval_every_epochs: int = 1
+    """Evaluate every E epochs (0 = only at the end)."""
+    best_metric: str = "gt_known_loc"
+    """Metric that picks the best checkpoint (higher is better)."""
+    log_every_steps: int = 20
+    """Progress line every N steps (rank 0)."""
+
+
+@dataclass
+class EvalConfig:
+    use_transform: bool = True
+    """Use transformed boxes; ``false`` swaps in the reference box of the same location (Table I)."""
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    """IoU thresholds every Loc figure is reported at."""
+    topk: int = 5
+    """Number of top classes / top boxes for Top-5 metrics."""
+    cam_thresholds: int = 100
+    """Number of CAM thresholds in [0, 1) for MaxBoxAcc (Choe et al.: 100 in eval)."""
+    cam_fixed_threshold: float = 0.2
+    """Fixed CAM threshold for the classic protocol (Zhou et al.)."""
+    hist_bins: int = 10
+    """Equal-width bins of ground-truth box area for the per-size histogram."""
+    viz_samples: int = 16
+    """Images drawn in the box picture grid."""
+
+
+@dataclass
+class LogConfig:
+    mlflow: bool = True
+    """Log to MLflow from rank 0."""
+    tracking_uri: str = ""
+    """Tracking URI; empty = ``MLFLOW_TRACKING_URI`` if set, else a store inside the run directory."""
+    experiment: str = "cstn-wsol"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name (empty = the run directory's name)."""
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """Collective backend: ``auto`` (nccl with CUDA, gloo otherwise), ``nccl`` or ``gloo``."""
+    timeout_s: int = 600
+    """Collective timeout in seconds (a dead rank fails the job after this)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data and input pipeline."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop and checkpoints."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Experiment tracking."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Distributed settings."""
+
+
+# ---------------------------------------------------------------------------
+# Validation of values (beyond types)
+# ---------------------------------------------------------------------------
+
+_CHOICES = {
+    "data.backend": ("auto", "dali", "torch"),
+    "data.on_corrupt": ("fail", "skip"),
+    "model.arch": ("cstn", "cam"),
+    "model.head": ("cstn", "conv"),
+    "model.head_impl": ("fast", "reference"),
+    "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
+    "loss.theta_reduction": ("sum", "mean"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.zero_stage": (0, 1, 2),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+    m = cfg.model
+    if not m.levels or any(level not in (4, 5) for level in m.levels) or len(set(m.levels)) != len(m.levels):
+        raise ConfigError(f"model.levels={m.levels} must be a non-empty subset of [4, 5]")
+    if len(m.kernel_sizes) != len(m.levels) or len(m.paddings) != len(m.levels):
+        raise ConfigError(
+            f"model.kernel_sizes ({len(m.kernel_sizes)}) and model.paddings ({len(m.paddings)}) "
+            f"need one entry per level in model.levels ({len(m.levels)})")
+    if m.num_classes < 2:
+        raise ConfigError(f"model.num_classes={m.num_classes} must be >= 2")
+    for key in ("data.image_size", "data.batch_size", "data.eval_batch_size", "train.grad_accum"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+
+
+# ---------------------------------------------------------------------------
+# Merging dictionaries into dataclasses
+# ---------------------------------------------------------------------------
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hints = typing.get_type_hints(cls)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _suggest(key: str) -> str:
+    """The closest valid dotted key: section first, then the field within it."""
+    candidates = _all_keys()
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close and "." in key:
+        section, leaf = key.split(".", 1)
+        sections = sorted({k.split(".", 1)[0] for k in candidates})
+        sec = difflib.get_close_matches(section, sections, n=1, cutoff=0.5)
+        sec = sec[0] if sec else None
+        pool = [k for k in candidates if sec is None or k.startswith(sec + ".")]
+        leaves = {k.split(".", 1)[1]: k for k in pool}
+        match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
+        close = [leaves[match[0]]] if match else ([f"{sec}.{leaf}"] if sec and f"{sec}.{leaf}" in candidates else [])
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str, source: str) -> Any:
+    """Check ``value`` against annotation ``tp``; allow int -> float and None for Optional."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} (from {source}): expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} (from {source}): expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _merge(obj, values: dict, source: str, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'} (from {source}): expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in names:
+            if isinstance(value, dict) and value:  # unknown section: name the full dotted key
+                key = f"{key}.{next(iter(flatten(value)))}"
+            raise ConfigError(f"unknown key '{key}' (from {source}){_suggest(key)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(obj, name), value, source, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, tp, key, source))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"command-line override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key} (from command line): cannot parse value {raw!r}: {exc}") from None
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: str | Path | None = "auto") -> Config:
+    """Resolve a :class:`Config`.
+
+    Args:
+        config: experiment YAML (may be ``configs/base.yaml`` itself) or None.
+        overrides: ``section.key=value`` strings; values are parsed as YAML.
+        base: the base YAML; ``"auto"`` means ``base.yaml`` beside ``config`` when
+            that file exists and is not ``config`` itself; None skips it.
+    """
+    cfg = Config()
+    sources: list[tuple[str, dict]] = []
+    if config is not None:
+        config = Path(config)
+        if base == "auto":
+            candidate = config.parent / "base.yaml"
+            base = candidate if candidate.is_file() and candidate.resolve() != config.resolve() else None
+        if base is not None:
+            sources.append((str(base), _read_yaml(base)))
+        sources.append((str(config), _read_yaml(config)))
+    for source, values in sources:
+        _merge(cfg, values, source)
+    for text in overrides:
+        key, value = _parse_override(text)
+        _merge(cfg, _nest(key, value), "command line")
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict, source: str = "dict") -> Config:
+    cfg = Config()
+    _merge(cfg, values, source)
+    _validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (the caller creates the directory)."""
+    path = Path(path)
+    path.write_text(dump_yaml(cfg))
+    return path
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] = ("model",)) -> str:
+    """Short sha256 of the given sections (what a checkpoint must agree on)."""
+    blob = json.dumps({s: to_dict(getattr(cfg, s)) for s in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings written as string literals under each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = nxt.value.value
+    return docs
+
+
+def describe(cls=Config, prefix: str = "") -> dict[str, str]:
+    """Every dotted key -> its docstring."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(describe(hints[f.name], prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = docs.get(f.name, "")
+    return out
+
+
+def commented_yaml(cfg: Config | None = None) -> str:
+    """The config as YAML with each key's docstring as a comment (how ``configs/base.yaml`` is made)."""
+    cfg = cfg or Config()
+    docs = describe()
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"{section}:")
+        for name, value in values.items():
+            doc = docs[f"{section}.{name}"]
+            for part in textwrap.wrap(doc, 100):
+                lines.append(f"  # {part}")
+            dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
+            lines.append(f"  {dumped[1:-1]}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="experiment YAML (base.yaml beside it is read first)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides (command line wins)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cstn.config", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--print", action="store_true", help="print the resolved config as YAML")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the resolved config as YAML with every key's docstring as a comment")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.describe:
+        sys.stdout.write(commented_yaml(cfg))
+    else:  # --print is the default action
+        sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
