@@ -175,6 +175,10 @@ class TrainConfig:
     """Metric that picks the best checkpoint (higher is better)."""
     log_every_steps: int = 20
     """Progress line every N steps (rank 0)."""
+    halt_after_steps: int = 0
+    """Checkpoint and exit after this many steps without changing the schedule (preemption drills; 0 = off)."""
+    deepspeed_json: str = ""
+    """Optional JSON of engine-only DeepSpeed knobs merged into the derived config (configs/deepspeed/)."""
 
 
 @dataclass

@@ -1,0 +1,193 @@
+"""Checkpoints on top of DeepSpeed's engine: complete-only ``latest``, keep-last-K and best, exact resume.
+
+Layout under ``<out_dir>/checkpoints``::
+
+    step00000120/                 one DeepSpeed tag (written by every rank)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files
+        rng_rank{r}.pt            each rank's RNG states (torch, numpy, python, cuda)
+        meta.json                 written last by rank 0: step, epoch, metric, model config
+    latest                        tag of the newest COMPLETE checkpoint (atomic replace)
+    best                          tag of the best checkpoint by ``train.best_metric``
+
+A checkpoint counts only once ``meta.json`` exists, and ``latest`` moves only after it:
+a job killed while saving leaves the previous checkpoint as ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cstn import dist
+from cstn.config import Config, config_hash, flatten, to_dict
+
+META = "meta.json"
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint from another model configuration."""
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir) / "checkpoints"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def preflight(cfg: Config, model: torch.nn.Module) -> None:
+    """Fail before training when checkpoints cannot be written (unwritable dir, too little space).
+
+    Space needed is estimated as 4 x the fp32 parameter bytes (weights + two optimizer moments + slack),
+    times ``keep_last + 1`` checkpoints.
+    """
+    ckpt = checkpoint_dir(cfg)
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        probe = ckpt / f".write_probe_rank{dist.rank()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(f"checkpoint directory {ckpt} is not writable: {exc}") from None
+    param_bytes = sum(p.numel() for p in model.parameters()) * 4
+    need = param_bytes * 4 * (cfg.train.keep_last + 1)
+    free = shutil.disk_usage(ckpt).free
+    if free < need:
+        raise RuntimeError(f"checkpoint directory {ckpt} has {free / 2**20:.1f} MiB free; checkpoints need "
+                           f"about {need / 2**20:.1f} MiB (keep_last={cfg.train.keep_last})")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, cfg: Config, client_state: dict[str, Any], metric: float | None = None,
+         is_best: bool = False) -> str:
+    """Save on ALL ranks (DeepSpeed requires it); returns the tag. Collective.
+
+    ``client_state`` needs ``step`` and ``epoch``; ``metric`` is the evaluation figure of this
+    checkpoint (if any) and ``is_best`` marks it as the run's best so far.
+    """
+    ckpt = checkpoint_dir(cfg)
+    tag = f"step{client_state['step']:08d}"
+    state = dict(client_state, config_hash=config_hash(cfg), model_config=to_dict(cfg.model))
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state=state, save_latest=False)
+    torch.save(_rng_state(), ckpt / tag / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if dist.is_main():
+        meta = {"tag": tag, "step": client_state["step"], "epoch": client_state["epoch"],
+                "batch_in_epoch": client_state.get("batch_in_epoch", 0), "metric": metric,
+                "config_hash": config_hash(cfg), "model_config": to_dict(cfg.model),
+                "world_size": dist.world_size(), "mlflow_run_id": client_state.get("mlflow_run_id")}
+        _atomic_write(ckpt / tag / META, json.dumps(meta, indent=2))
+        _atomic_write(ckpt / "latest", tag)
+        if is_best:
+            _atomic_write(ckpt / "best", tag)
+        prune(ckpt, cfg.train.keep_last)
+    dist.barrier()
+    return tag
+
+
+def complete_tags(ckpt: Path) -> list[str]:
+    """Tags with ``meta.json``, oldest first."""
+    if not ckpt.is_dir():
+        return []
+    return sorted(p.parent.name for p in ckpt.glob(f"*/{META}"))
+
+
+def prune(ckpt: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the last ``keep_last``, never ``latest`` or ``best``."""
+    keep = set(complete_tags(ckpt)[-max(1, keep_last):])
+    for name in ("latest", "best"):
+        if (ckpt / name).is_file():
+            keep.add((ckpt / name).read_text().strip())
+    for tag in complete_tags(ckpt):
+        if tag not in keep:
+            shutil.rmtree(ckpt / tag, ignore_errors=True)
+
+
+def find_resume(cfg: Config, resume: str | None) -> Path | None:
+    """``auto``: the run's ``latest`` complete checkpoint (None when there is none); else a tag dir path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpt = checkpoint_dir(cfg)
+        latest = ckpt / "latest"
+        if latest.is_file():
+            tag_dir = ckpt / latest.read_text().strip()
+            if (tag_dir / META).is_file():
+                return tag_dir
+        tags = complete_tags(ckpt)  # `latest` missing or damaged: newest complete one
+        return ckpt / tags[-1] if tags else None
+    path = Path(resume)
+    if path.is_dir() and (path / "latest").is_file():  # a checkpoints dir
+        path = path / (path / "latest").read_text().strip()
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
+    return path
+
+
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(tag_dir) / META).read_text())
+
+
+def check_compatible(cfg: Config, meta: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint trained with another model configuration, naming the differences."""
+    if meta.get("config_hash") == config_hash(cfg):
+        return
+    theirs = flatten(meta.get("model_config", {}), "model.")
+    ours = flatten(to_dict(cfg.model), "model.")
+    diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
+             for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if not diffs:
+        return
+    raise CheckpointMismatch(f"checkpoint {source} was trained with another model configuration: "
+                             + "; ".join(diffs))
+
+
+def load(engine, cfg: Config, tag_dir: Path) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the client state."""
+    tag_dir = Path(tag_dir)
+    check_compatible(cfg, read_meta(tag_dir), str(tag_dir))
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def load_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> dict[str, Any]:
+    """Load weights only (evaluation, prediction) from a tag dir or a checkpoints dir, no engine needed."""
+    tag_dir = find_resume(cfg, str(path))
+    meta = read_meta(tag_dir)
+    check_compatible(cfg, meta, str(tag_dir))
+    states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"{tag_dir} holds no mp_rank_*_model_states.pt")
+    blob = torch.load(states[0], map_location="cpu", weights_only=False)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+    model.load_state_dict(weights)
+    return meta

@@ -1,0 +1,223 @@
+"""Train a CSTN (or CAM) model: ``deepspeed [--num_gpus N] [--hostfile H] launch/train.py --config X.yaml``.
+
+Data-parallel over every rank DeepSpeed starts (one node or many), ZeRO 0/1/2 and
+bf16/fp16 on GPUs, fp32 on CPUs. Rank 0 prints progress and talks to MLflow; every
+rank writes its share of each checkpoint. ``--resume auto`` continues the run in
+``train.out_dir`` exactly where its last complete checkpoint left it (same MLflow run).
+SIGTERM (preemption) finishes the current step, checkpoints and exits 0.
+
+Examples::
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launch/train.py --config configs/tiny.yaml
+    deepspeed launch/train.py --config configs/cub_cstn_r101.yaml train.epochs=30 --resume auto
+    python launch/train.py --config configs/tiny.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cstn import checkpoint, dist
+from cstn.config import ConfigError, add_config_args, flatten, load_config, save_config, to_dict
+from cstn.engine import Progress, all_finite, deepspeed_config, resolve_precision, skip_batches
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--resume", default=None,
+                        help="'auto' (latest complete checkpoint of train.out_dir, if any) or a checkpoint path")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the config, build everything, run 2 train steps and 1 eval batch; no checkpoint")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                        help="set by the DeepSpeed launcher")
+    import deepspeed
+
+    deepspeed.add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+class Preemption:
+    """Remembers a SIGTERM; the loop checks it between steps."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        if not self.requested:
+            print("SIGTERM received: finishing the step, then checkpointing and exiting", flush=True)
+        self.requested = True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist.prefix_output_with_rank()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        cfg.train.max_steps = 2
+        cfg.log.mlflow = False
+
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    rank, world = dist.rank(), dist.world_size()
+    main_rank = dist.is_main()
+    torch.manual_seed(cfg.train.seed + rank)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    out_dir = Path(cfg.train.out_dir)
+    precision = resolve_precision(cfg)
+
+    # Imports that pull heavy dependencies come after argument and config errors are reported.
+    import deepspeed
+    from cstn.evaluation import evaluate
+    from cstn.losses import compute_loss
+    from cstn.models import build_model
+    from cstn.optim import build_optimizer, build_scheduler
+    from cstn.tracking import TrackingUnavailable, make_tracker
+    from pipeline.loader import build_loader
+
+    if main_rank:
+        print(f"world size {world}, device {dist.device()}, precision {precision}, "
+              f"global batch {cfg.data.batch_size * cfg.train.grad_accum * world}", flush=True)
+        if args.dry_run:
+            sys.stdout.write(__import__("cstn.config", fromlist=["dump_yaml"]).dump_yaml(cfg))
+
+    model = build_model(cfg)
+    if not args.dry_run:
+        checkpoint.preflight(cfg, model)  # fail now, not after an epoch, when checkpoints cannot be written
+    train_loader = build_loader(cfg, cfg.data.train_split, rank, world, train=True)
+    eval_loader = build_loader(cfg, cfg.data.eval_split, rank, world, train=False)
+    steps_per_epoch = max(1, train_loader.num_batches // cfg.train.grad_accum)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.train.epochs, steps_per_epoch)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world))
+    device = engine.device
+
+    # -- resume ---------------------------------------------------------------
+    start_epoch, step, batch_in_epoch, best_metric, run_id = 0, 0, 0, -math.inf, None
+    tag_dir = None if args.dry_run else checkpoint.find_resume(cfg, args.resume)
+    if tag_dir is not None:
+        state = checkpoint.load(engine, cfg, tag_dir)
+        start_epoch, step = state["epoch"], state["step"]
+        batch_in_epoch = state.get("batch_in_epoch", 0)
+        best_metric = state.get("best_metric", -math.inf)
+        run_id = state.get("mlflow_run_id")
+        if main_rank:
+            print(f"resumed from {tag_dir}: epoch {start_epoch}, step {step}, batch {batch_in_epoch}", flush=True)
+
+    try:
+        tracker = make_tracker(cfg, out_dir, main_rank, run_id=run_id)
+    except TrackingUnavailable as exc:
+        print(f"tracking error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if main_rank and not args.dry_run:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.set_tags({"world_size": world, "precision": precision, "device": str(device)})
+        tracker.log_artifact(out_dir / "config.yaml")
+    run_id = tracker.run_id or run_id
+
+    def save(epoch_: int, batch_: int, metric=None, is_best=False):
+        client = {"epoch": epoch_, "step": step, "batch_in_epoch": batch_, "best_metric": best_metric,
+                  "mlflow_run_id": run_id, "seed": cfg.train.seed}
+        tag = checkpoint.save(engine, cfg, client, metric=metric, is_best=is_best)
+        if main_rank:
+            print(f"checkpoint {tag} written", flush=True)
+
+    preempt = Preemption()
+    progress = Progress(total_steps, world)
+    micro = 0  # micro-batches since the last optimizer step
+    epoch = start_epoch
+    stop = step >= total_steps
+    status = "FINISHED"
+    while not stop and epoch < cfg.train.epochs:
+        train_loader.set_epoch(epoch)
+        engine.train()
+        batches = skip_batches(train_loader, batch_in_epoch)
+        for batch in batches:
+            progress.data_ready()
+            batch = batch.to(device)
+            output = engine(batch.images)
+            losses = compute_loss(output, batch.labels, cfg.loss)
+            if not all_finite(losses["loss"]):
+                if main_rank:
+                    print(f"non-finite loss at step {step} (epoch {epoch}): "
+                          + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                          + "; stopping. The last good checkpoint is kept.", file=sys.stderr, flush=True)
+                tracker.close(status="FAILED")
+                return 3
+            engine.backward(losses["loss"])
+            engine.step()
+            batch_in_epoch += 1
+            micro += 1
+            if micro < cfg.train.grad_accum:
+                continue
+            micro = 0
+            step += 1
+            progress.step_done(len(batch), {k: float(v) for k, v in losses.items()})
+            if main_rank and (step % cfg.train.log_every_steps == 0 or step == total_steps):
+                lr = scheduler.get_last_lr()[0]
+                print(progress.line(step, epoch, lr), flush=True)
+                tracker.log_metrics({**{f"train/{k}": m.avg for k, m in progress.meters.items()},
+                                     "train/lr": lr, "train/img_s": progress.images_per_s(),
+                                     "train/data_time_frac": progress.data_fraction()}, step)
+            stop = step >= total_steps
+            halt = cfg.train.halt_after_steps and step >= cfg.train.halt_after_steps
+            periodic = cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0
+            if preempt.requested or halt:
+                save(epoch, batch_in_epoch)
+                tracker.close(status="KILLED" if preempt.requested else "RUNNING")
+                return 0
+            if periodic and not stop and not args.dry_run:
+                save(epoch, batch_in_epoch)
+            if stop:
+                break
+        epoch_done = batch_in_epoch >= train_loader.num_batches
+        if epoch_done:
+            epoch, batch_in_epoch = epoch + 1, 0
+        do_eval = args.dry_run or stop or (cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0)
+        metric, is_best = None, False
+        if do_eval:
+            metrics = evaluate(engine.module, eval_loader, cfg, max_batches=1 if args.dry_run else None,
+                               out_dir=None if args.dry_run else out_dir / "eval" / f"epoch{epoch:03d}",
+                               expected_total=None if args.dry_run else eval_loader.total_samples)
+            if main_rank:
+                print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                                          if isinstance(v, float) and "/" not in k), flush=True)
+                tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                    step)
+            metric = dist.broadcast_object(metrics.get(cfg.train.best_metric) if main_rank else None)
+            if metric is not None and metric > best_metric:
+                best_metric, is_best = metric, True
+        if not args.dry_run:
+            save(epoch, batch_in_epoch, metric=metric, is_best=is_best)
+        if args.dry_run:
+            break
+    if main_rank:
+        summary = {"step": step, "epoch": epoch, "best_metric": best_metric}
+        print("done: " + json.dumps(summary), flush=True)
+    tracker.close(status=status)
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
