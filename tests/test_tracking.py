@@ -1,0 +1,69 @@
+"""The MLflow tracker against a real `mlflow server` on 127.0.0.1: batching, outage, spool, resume."""
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cstn.tracking import PENDING_FILE, MlflowTracker, Tracker, TrackingUnavailable, resolve_tracking_uri
+from tests.mlflow_server import MlflowServer, free_port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield srv
+    srv.stop()
+
+
+def history(uri, run_id, key):
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_default_store_is_inside_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri("", tmp_path) == "http://127.0.0.1:1"
+    assert resolve_tracking_uri("http://h:2", tmp_path) == "http://h:2"  # config wins
+
+
+def test_noop_tracker_does_nothing(tmp_path):
+    t = Tracker()
+    t.log_metrics({"a": 1.0}, 0)
+    assert t.flush() and t.run_id is None
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingUnavailable, match=f"{uri} is unreachable.*log.mlflow=false"):
+        MlflowTracker(uri, "exp", "r", tmp_path)
+
+
+def test_metrics_survive_an_outage_and_resume_continues_the_run(server, tmp_path):
+    t = MlflowTracker(server.uri, "outage", "r1", tmp_path, flush_interval_s=0.2)
+    t.log_params({"model.levels": [4, 5], "optim.lr": 0.1})
+    for step in range(5):
+        t.log_metrics({"loss": float(step)}, step)
+    assert t.flush(timeout_s=30)
+    server.stop()
+    for step in range(5, 10):  # logged while the server is down: queued, training not blocked
+        t.log_metrics({"loss": float(step)}, step)
+    assert not t.flush(timeout_s=1)
+    server.start()
+    assert t.flush(timeout_s=60)
+    assert history(server.uri, t.run_id, "loss") == [(s, float(s)) for s in range(10)]
+    # end of job while the server is down: the values are spooled, then a resumed tracker sends them
+    server.stop()
+    t.log_metrics({"loss": 10.0}, 10)
+    t.close()
+    spool = tmp_path / PENDING_FILE
+    assert [json.loads(l)["step"] for l in spool.read_text().splitlines()] == [10]
+    server.start()
+    t2 = MlflowTracker(server.uri, "outage", "ignored", tmp_path, run_id=t.run_id, flush_interval_s=0.2)
+    t2.log_params({"optim.lr": 0.1})  # already there: skipped, not an error
+    t2.log_metrics({"loss": 11.0}, 11)
+    t2.close()
+    assert not spool.exists()
+    assert history(server.uri, t.run_id, "loss") == [(s, float(s)) for s in range(12)]
+    run = MlflowClient(server.uri).get_run(t.run_id)
+    assert run.data.params["optim.lr"] == "0.1" and run.info.status == "FINISHED"
