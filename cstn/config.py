@@ -86,7 +86,7 @@ class ModelConfig:
     head: str = "cstn"
     """Per-level head of the ``cstn`` family: ``cstn`` (transform learned) or ``conv`` (plain k x k conv, Table II)."""
     head_impl: str = "fast"
-    """CSTN head implementation: ``fast`` (channels projected before sampling) or ``reference`` (grid_sample + conv)."""
+    """CSTN head sampling: ``fast`` (= ``im2col``), ``reference`` (grid_sample + conv), ``im2col`` (grid_sample columns + GEMM), ``deform`` (torchvision deform_conv2d) or ``project`` (channels projected before sampling)."""
     backbone: str = "resnet50"
     """torchvision ResNet depth: ``resnet10``, ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``."""
     width: float = 1.0
@@ -248,7 +248,7 @@ _CHOICES = {
     "data.on_corrupt": ("fail", "skip"),
     "model.arch": ("cstn", "cam"),
     "model.head": ("cstn", "conv"),
-    "model.head_impl": ("fast", "reference"),
+    "model.head_impl": ("fast", "reference", "im2col", "deform", "project"),
     "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
     "loss.theta_reduction": ("sum", "mean"),
     "optim.name": ("sgd", "adamw"),

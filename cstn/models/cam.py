@@ -1,0 +1,45 @@
+"""CAM baseline (Zhou et al. 2016) in the same framework: ResNet trunk -> 1x1 class conv -> GAP.
+
+Training uses the pooled scores (cross-entropy); evaluation reads the per-class maps (the 1x1
+conv output before pooling, equivalent to weighting the last features by the fc weights). Boxes
+come from the maps in the evaluator (Choe et al.'s protocol). ``model.cam_last_stride = 1`` keeps
+the last stage at stride 16 (no dilation), as in Choe et al., "Evaluating WSOL right" (CVPR 2020).
+Unlike the CSTN model there is no extra conv layer and no FPN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import PixelNormaliser, build_trunk
+from .output import ModelOutput
+
+__all__ = ["CAMModel"]
+
+
+class CAMModel(nn.Module):
+    """``forward(images (B, 3, S, S) uint8) -> ModelOutput(kind="cam", logits (B, C), cams (B, C, h, w))``."""
+
+    def __init__(self, *, backbone: str, width: float, backbone_weights, num_classes: int, last_stride: int,
+                 mean: list[float], std: list[float]):
+        super().__init__()
+        self.normaliser = PixelNormaliser(mean, std)
+        self.backbone = build_trunk(backbone, width, backbone_weights, last_stride=last_stride)
+        self.classifier = nn.Conv2d(self.backbone.channels[1], num_classes, kernel_size=1)
+
+    @staticmethod
+    def param_role(name: str) -> str:
+        """``backbone`` for the trunk, ``new`` for the class conv (CAM has no theta layers)."""
+        return "backbone" if name.startswith("backbone.") else "new"
+
+    def check_image_size(self, image_size: int) -> None:
+        """Any input of at least one pixel gives a map; nothing to check."""
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        x = self.normaliser(images, like=self.backbone.conv1.weight)
+        _, c5 = self.backbone(x)
+        maps = self.classifier(c5)
+        full = torch.float64 if maps.dtype == torch.float64 else torch.float32
+        cams = maps.to(full)
+        return ModelOutput(kind="cam", logits=cams.mean(dim=(2, 3)), cams=cams)
