@@ -51,9 +51,9 @@ def plot_area_histogram(hist_rows: Sequence[Mapping[str, Any]], path_png: str | 
     Returns:
         ``(path_png, path_csv)``.
 
-    Grey bars (left axis): number of images per bin. Red bars (right axis): percent of
-    the bin's images localized with the transform; blue bars: without it (reference
-    boxes), drawn when the rows carry ``loc_ref_pct`` values.
+    Per bin, side by side: grey, the number of images (left axis); blue, the percent of
+    them localized without the transform (reference boxes, when the rows carry
+    ``loc_ref_pct`` values); red, with it (right axis).
     """
     rows = list(hist_rows)
     if not rows:
@@ -65,8 +65,10 @@ def plot_area_histogram(hist_rows: Sequence[Mapping[str, Any]], path_png: str | 
     for ax, level in zip(axes[0], levels):
         part = sorted((r for r in rows if str(r.get("level", "all")) == level), key=lambda r: r["bin"])
         x = np.arange(len(part))
-        counts = [r["count"] for r in part]
-        ax.bar(x, counts, width=0.8, color=COUNT_COLOUR, label="images")
+        with_ref = any(_finite(r.get("loc_ref_pct")) for r in part)
+        width = 0.27 if with_ref else 0.4
+        ax.bar(x - width if with_ref else x - width / 2, [r["count"] for r in part], width=width,
+               color=COUNT_COLOUR, label="images")
         ax.set_ylabel("images")
         unit = part[0].get("area_unit", "")
         ax.set_xticks(x)
@@ -75,22 +77,21 @@ def plot_area_histogram(hist_rows: Sequence[Mapping[str, Any]], path_png: str | 
         ax.set_xlabel("ground-truth box area" + (" (fraction of image)" if unit == "fraction_of_image" else
                                                  " (pixels)" if unit == "pixels" else ""))
         right = ax.twinx()
-        with_ref = any(_finite(r.get("loc_ref_pct")) for r in part)
-        width = 0.3 if with_ref else 0.45
         loc = [_zero_nan(r.get("loc_pct")) for r in part]
         if with_ref:
-            ref = [_zero_nan(r.get("loc_ref_pct")) for r in part]
-            right.bar(x - width / 2, ref, width=width, color=REF_COLOUR, label="localized, without transform")
-            right.bar(x + width / 2, loc, width=width, color=PRED_COLOUR, label="localized, with transform")
+            right.bar(x, [_zero_nan(r.get("loc_ref_pct")) for r in part], width=width, color=REF_COLOUR,
+                      label="% localized, without transform")
+            right.bar(x + width, loc, width=width, color=PRED_COLOUR, label="% localized, with transform")
         else:
-            right.bar(x, loc, width=width, color=PRED_COLOUR, label="localized")
+            right.bar(x + width / 2, loc, width=width, color=PRED_COLOUR, label="% localized")
         right.set_ylim(0, 100)
         right.set_ylabel("% of the bin localized")
         handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-        right.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=7)
+        right.legend(handles, [h.get_label() for h in handles], loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                     ncol=len(handles), fontsize=7, frameon=False)
         metric = part[0].get("metric")
         ax.set_title(" ".join(s for s in (title, "" if level == "all" and len(levels) == 1 else level,
-                                          f"[{metric}]" if metric else "") if s), fontsize=9)
+                                          f"[{metric}]" if metric else "") if s), fontsize=9, pad=16)
     fig.tight_layout()
     path_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path_png, dpi=110)
