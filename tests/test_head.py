@@ -142,9 +142,10 @@ def test_conv_head_has_no_localisation_net():
     assert theta.shape == (1, 16, 2, 3)
 
 
-def test_bf16_autocast_head_is_finite_and_theta_float32():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_autocast_head_is_finite_and_theta_float32(impl):
     torch.manual_seed(0)
-    head = LevelHead(8, 8, 3, 3, 1, loc_hidden=4)
+    head = LevelHead(8, 8, 3, 3, 1, loc_hidden=4, impl=impl)
     with torch.no_grad():
         head.loc.to_theta.weight.normal_(0, 0.1)
     features = torch.randn(2, 8, 5, 5)

@@ -207,3 +207,37 @@ def test_a_few_training_steps_fit_a_batch_and_move_theta():
     assert compute_loss(output, labels, cfg.loss)["theta"] > 0          # theta left the identity
     assert not torch.equal(output.boxes, output.ref_boxes)
     assert isinstance(model, CSTNModel)
+
+
+def test_boxes_follow_the_sampling_shift():
+    """theta02 = 2/k moves the taps one cell right (tests/test_head.py); the box moves one stride."""
+    cfg = tiny("model.levels=[4]", "model.kernel_sizes=[3]", "model.paddings=[1]")
+    model = quiet_build(cfg)
+    head = model.heads["p4"]
+    with torch.no_grad():
+        head.loc.to_theta.bias.copy_(torch.tensor([0.0, 0, 2 / 3, 0, 0, 0]))
+    output = model(images())
+    shifted = output.ref_boxes.clone()
+    # unclipped reference windows of the 4x4 grid are [16 j - 16, 16 j + 32); shifted by 16 px
+    columns = torch.arange(4).repeat(4).float()
+    expected_x1 = (16 * columns).clamp(0, 64)
+    expected_x2 = (16 * columns + 48).clamp(0, 64)
+    torch.testing.assert_close(output.boxes[0, :, 0], expected_x1)
+    torch.testing.assert_close(output.boxes[0, :, 2], expected_x2)
+    torch.testing.assert_close(output.boxes[..., 1::2], shifted[..., 1::2])     # y unchanged
+    torch.testing.assert_close(output.theta[0, 0], torch.tensor([[1.0, 0, 2 / 3], [0, 1, 0]]))
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference", "deform", "project"])
+def test_bfloat16_parameters_run_with_float32_outputs(impl):
+    """A bf16 engine (DeepSpeed bf16 casts the module) feeds uint8 images; outputs stay float32."""
+    cfg = tiny(f"model.head_impl={impl}")
+    torch.manual_seed(0)
+    model = quiet_build(cfg).bfloat16()
+    for head in model.heads.values():
+        torch.nn.init.normal_(head.loc.to_theta.weight, std=0.05)
+    output = model(images())
+    assert output.logits.dtype == output.theta.dtype == output.boxes.dtype == torch.float32
+    losses = compute_loss(output, torch.tensor([0, 1]), cfg.loss)
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

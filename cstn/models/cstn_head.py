@@ -53,6 +53,19 @@ def _normalise(position: torch.Tensor, size: int) -> torch.Tensor:
     return position * (2.0 / size) - 1.0
 
 
+def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bfloat16 tensors; float32 and float64 pass unchanged."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def _like_weight(columns: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Sampled taps (full precision) cast to a half/bfloat16 weight's dtype for the filter-bank product.
+
+    With float32 weights nothing changes: under autocast the product itself runs in bf16/fp16.
+    """
+    return columns if weight.dtype in (torch.float32, torch.float64) else columns.to(weight.dtype)
+
+
 def sample_conv_reference(features: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """Readable form: gather the moved taps with ``grid_sample``, then a stride-k conv.
@@ -77,8 +90,8 @@ def sample_conv_reference(features: torch.Tensor, offsets: torch.Tensor, weight:
     x = cols[None, None, None, :, :] + dx
     grid = torch.stack([_normalise(x, width), _normalise(y, height)], dim=-1)
     grid = grid.reshape(batch, out_h * k, out_w * k, 2)
-    taps = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return F.conv2d(taps, weight, bias, stride=k)
+    taps = F.grid_sample(_full_precision(features), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.conv2d(_like_weight(taps, weight), weight, bias, stride=k)
 
 
 def sample_conv_im2col(features: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
@@ -96,8 +109,8 @@ def sample_conv_im2col(features: torch.Tensor, offsets: torch.Tensor, weight: to
     x = cols.t()[None, None, :, None, :] + moved[:, :, :, 1]
     grid = torch.stack([_normalise(x, width), _normalise(y, height)], dim=-1)
     grid = grid.permute(0, 3, 4, 1, 2, 5).reshape(batch, out_h * out_w, k * k, 2)
-    taps = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    columns = taps.permute(0, 2, 1, 3).reshape(batch * out_h * out_w, channels * k * k)   # (B L, P k^2)
+    taps = F.grid_sample(_full_precision(features), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    columns = _like_weight(taps.permute(0, 2, 1, 3).reshape(batch * out_h * out_w, channels * k * k), weight)
     filters = weight.reshape(out_channels, channels * k * k).t()
     out = columns @ filters if bias is None else torch.addmm(bias, columns, filters)
     return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
@@ -105,8 +118,13 @@ def sample_conv_im2col(features: torch.Tensor, offsets: torch.Tensor, weight: to
 
 def sample_conv_deform(features: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor | None, padding: int) -> torch.Tensor:
-    """:func:`torchvision.ops.deform_conv2d` with the theta offsets (same arguments as the reference)."""
-    return deform_conv2d(features, offsets, weight, bias, padding=(padding, padding))
+    """:func:`torchvision.ops.deform_conv2d` with the theta offsets (same arguments as the reference).
+
+    Runs in float32 for half/bfloat16 inputs (no such CPU kernel) and returns float32.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return deform_conv2d(_full_precision(features), _full_precision(offsets), _full_precision(weight),
+                             None if bias is None else _full_precision(bias), padding=(padding, padding))
 
 
 def sample_conv_project(features: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
@@ -124,7 +142,8 @@ def sample_conv_project(features: torch.Tensor, offsets: torch.Tensor, weight: t
     x = cols.t()[None, None, :, None, :] + moved[:, :, :, 1]
     grid = torch.stack([_normalise(x, width), _normalise(y, height)], dim=-1)
     grid = grid.reshape(batch * k * k, out_h, out_w, 2)
-    sampled = F.grid_sample(projected, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = F.grid_sample(_full_precision(projected), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)
     out = sampled.view(batch, k * k, out_channels, out_h, out_w).sum(1)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
@@ -143,11 +162,6 @@ def sample_conv(impl: str, features, offsets, weight, bias, padding):
     if impl not in SAMPLERS:
         raise ValueError(f"unknown head implementation {impl!r}; choose one of {['fast', *SAMPLERS]}")
     return SAMPLERS[impl](features, offsets, weight, bias, padding)
-
-
-def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
-    """float32 for half/bfloat16 tensors; float32 and float64 pass unchanged."""
-    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 class LocalisationNet(nn.Module):
@@ -178,7 +192,7 @@ class LevelHead(nn.Module):
         loc_hidden: hidden channels of the localisation net.
         transform: True for the CSTN head, False for the plain-conv baseline (theta = identity,
             no localisation net).
-        impl: ``fast``, ``reference``, ``deform`` or ``project`` (ignored without transform).
+        impl: ``fast``, ``reference``, ``im2col``, ``deform`` or ``project`` (ignored without transform).
 
     ``forward(features (B, P, H, W))`` returns ``logits`` (B, C, H', W') and ``theta`` (B, H' W', 2, 3)
     (row-major over the output grid; the identity without transform).
@@ -217,15 +231,14 @@ class LevelHead(nn.Module):
             theta = identity_theta(batch, out_h * out_w, dtype=torch.float32, device=features.device)
         else:
             residual = _full_precision(self.loc(features))                 # (B, 6, H', W')
-            # Sampling runs in float32 even under autocast or with bf16 weights: bf16 tap positions
-            # would be off by up to ~0.05 cell, and deform_conv2d has no bf16 kernel.
+            # Tap positions and bilinear sampling stay in float32 under autocast and with bf16
+            # weights (bf16 positions would be off by up to ~0.05 cell); the filter-bank product
+            # that follows runs in the autocast / weight precision.
             with torch.autocast(device_type=features.device.type, enabled=False):
-                offsets = theta_to_offsets(residual, self.basis)
-                bias = self.filter_bank.bias
-                hidden = sample_conv(self.impl, _full_precision(features), offsets,
-                                     _full_precision(self.filter_bank.weight),
-                                     None if bias is None else _full_precision(bias), self.padding)
-            hidden = hidden.to(features.dtype)
-            theta = (residual + self.identity.to(residual.dtype)).flatten(2).transpose(1, 2).reshape(batch, -1, 2, 3)
-        logits = self.classifier(F.relu(hidden))
+                offsets = theta_to_offsets(residual, self.basis.to(residual.dtype))
+            hidden = sample_conv(self.impl, features, offsets, self.filter_bank.weight, self.filter_bank.bias,
+                                 self.padding)
+            theta = residual + self.identity.to(residual.dtype)
+            theta = theta.flatten(2).transpose(1, 2).reshape(batch, -1, 2, 3)
+        logits = self.classifier(F.relu(_like_weight(hidden, self.classifier.weight)))
         return logits, theta
