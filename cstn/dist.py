@@ -80,15 +80,32 @@ def _skip_deepspeed_shm_build() -> None:
     module.build_shm_op = lambda: None
 
 
-def init(backend: str = "auto", timeout_s: int = 600) -> None:
+def _single_process_env() -> None:
+    """Environment of a one-rank group for a plain ``python`` start (DeepSpeed's engine needs a group)."""
+    import socket
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+
+
+def init(backend: str = "auto", timeout_s: int = 600, require_group: bool = False) -> None:
     """Initialise the process group through DeepSpeed when launched with several ranks.
 
-    A single process (``WORLD_SIZE`` unset or 1) gets no process group: collectives below
-    become identity operations.
+    A single process (``WORLD_SIZE`` unset or 1) gets no process group, so collectives below
+    become identity operations -- unless ``require_group`` (training: DeepSpeed's engine needs
+    one), which makes a one-rank group.
     """
     configure_threads()
-    if is_initialized() or env_world_size() <= 1:
+    if is_initialized():
         return
+    if env_world_size() <= 1:
+        if not require_group:
+            return
+        _single_process_env()
     if cuda_available():
         torch.cuda.set_device(device())
     import deepspeed

@@ -94,6 +94,9 @@ class Progress:
         self.data_time = SmoothedValue()
         self.step_time = SmoothedValue()
 
+    def restart_clock(self) -> None:
+        self.t_last = time.perf_counter()
+
     def data_ready(self) -> None:
         now = time.perf_counter()
         self._data_wait = now - self.t_last
@@ -136,3 +139,12 @@ def all_finite(value: torch.Tensor) -> bool:
     """True when the loss is finite on EVERY rank (one tiny all-reduce)."""
     bad = 0.0 if torch.isfinite(value).all() else 1.0
     return dist.all_reduce_max(bad) == 0.0
+
+
+_DETAIL = ("_iou", "_small", "_middle", "_large", "num_", "area_", "eval_time", "eval_images")
+
+
+def summarize(metrics: dict[str, Any]) -> str:
+    """The headline figures of an evaluation (IoU 0.5, all sizes) on one line."""
+    return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                     if isinstance(v, float) and not any(d in k for d in _DETAIL))

@@ -15,7 +15,7 @@ from cstn.config import Config
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    from cstn.models import param_groups
+    from cstn.params import param_groups
 
     groups = param_groups(model, cfg.optim)
     o = cfg.optim

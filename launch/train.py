@@ -28,7 +28,7 @@ import torch
 
 from cstn import checkpoint, dist
 from cstn.config import ConfigError, add_config_args, flatten, load_config, save_config, to_dict
-from cstn.engine import Progress, all_finite, deepspeed_config, resolve_precision, skip_batches
+from cstn.engine import Progress, all_finite, deepspeed_config, resolve_precision, skip_batches, summarize
 
 
 def parse_args(argv=None):
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         cfg.train.max_steps = 2
         cfg.log.mlflow = False
 
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s, require_group=True)
     rank, world = dist.rank(), dist.world_size()
     main_rank = dist.is_main()
     torch.manual_seed(cfg.train.seed + rank)
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                 continue
             micro = 0
             step += 1
-            progress.step_done(len(batch), {k: float(v) for k, v in losses.items()})
+            progress.step_done(len(batch), {k: float(v.detach()) for k, v in losses.items()})
             if main_rank and (step % cfg.train.log_every_steps == 0 or step == total_steps):
                 lr = scheduler.get_last_lr()[0]
                 print(progress.line(step, epoch, lr), flush=True)
@@ -200,10 +200,12 @@ def main(argv=None) -> int:
                                out_dir=None if args.dry_run else out_dir / "eval" / f"epoch{epoch:03d}",
                                expected_total=None if args.dry_run else eval_loader.total_samples)
             if main_rank:
-                print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
-                                          if isinstance(v, float) and "/" not in k), flush=True)
+                print("eval " + summarize(metrics), flush=True)
                 tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                                     step)
+                if not args.dry_run:
+                    for f in sorted((out_dir / "eval" / f"epoch{epoch:03d}").iterdir()):
+                        tracker.log_artifact(f, artifact_path=f"eval/epoch{epoch:03d}")
             metric = dist.broadcast_object(metrics.get(cfg.train.best_metric) if main_rank else None)
             if metric is not None and metric > best_metric:
                 best_metric, is_best = metric, True
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
             save(epoch, batch_in_epoch, metric=metric, is_best=is_best)
         if args.dry_run:
             break
+        progress.restart_clock()  # evaluation and checkpoint time is not training time
     if main_rank:
         summary = {"step": step, "epoch": epoch, "best_metric": best_metric}
         print("done: " + json.dumps(summary), flush=True)

@@ -1,0 +1,177 @@
+"""The distributed evaluation loop: every rank evaluates its shards, one gather at the end.
+
+Contract (DESIGN.md section 5): no collective inside the loop; each rank keeps
+per-image results keyed by the global sample index; one ``all_gather_object`` at the
+end; rank 0 keeps each index once, checks the merged count against the manifest
+total (failing loudly, naming both numbers), computes the metrics and writes
+``metrics.json``, the predictions file and the plots. Results do not depend on the
+world size.
+
+Boxes: the model predicts on the square input grid; they are mapped to original
+pixels with :func:`pipeline.schema.boxes_to_original` before any IoU, so every metric
+is computed in the frame of the ground truth.
+
+CAM-family models are scored through the same box metrics (boxes from the class map
+of the predicted class / true class at ``eval.cam_fixed_threshold``) plus MaxBoxAcc and
+MaxBoxAccV2 over the maps of the true class in the input frame (Choe et al.).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cstn import dist
+from cstn.config import Config
+from pipeline.schema import boxes_to_input, boxes_to_original
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def normalised_class_maps(cams: torch.Tensor, classes: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, h, w) CAMs -> (B, size, size) maps of the given classes, bilinear, min-max to [0, 1]."""
+    maps = cams[torch.arange(cams.shape[0], device=cams.device), classes].float().unsqueeze(1)
+    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1).values[:, None, None]
+    hi = flat.max(dim=1).values[:, None, None]
+    return (maps - lo) / (hi - lo).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | None = None,
+             out_dir: str | Path | None = None, expected_total: int | None = None,
+             precision: str = "fp32") -> dict[str, Any]:
+    """Evaluate ``model`` over this rank's part of ``loader``; returns the merged metrics on every rank.
+
+    Args:
+        model: the bare module (``engine.module`` under DeepSpeed).
+        loader: an evaluation loader (``build_loader(cfg, split, rank, world, train=False)``).
+        max_batches: stop early (dry runs); the count check is skipped then.
+        out_dir: where rank 0 writes ``metrics.json``, ``predictions.csv`` and the plots (None: nowhere).
+        expected_total: the manifest's sample count; the merged count must equal it.
+    """
+    from cstn.boxes import predict
+    from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, cam_boxes, wsol_resize_boxes
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    size = cfg.data.image_size
+    is_cam = cfg.model.arch == "cam"
+    loc = LocalizationEvaluator.from_config(cfg)
+    maxbox = MaxBoxAccEvaluator.from_config(cfg) if is_cam else None
+    viz: dict[str, list] = {"images": [], "gt": [], "ref": [], "pred": [], "titles": []}
+    t_data = t_model = t_metric = 0.0
+    t_last = time.perf_counter()
+    seen = 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        t0 = time.perf_counter()
+        t_data += t0 - t_last
+        batch = batch.to(device)
+        with _autocast(device, precision):
+            output = model(batch.images)
+        t1 = time.perf_counter()
+        t_model += t1 - t0
+        widths, heights = batch.sizes[:, 0], batch.sizes[:, 1]
+        gt_boxes = batch.gt_boxes_list()
+        k = cfg.eval.topk
+        if is_cam:
+            probs = output.logits.float().softmax(dim=1)
+            topk_scores, topk_classes = probs.topk(min(k, probs.shape[1]), dim=1)
+            pred_maps = normalised_class_maps(output.cams, topk_classes[:, 0], size).cpu().numpy()
+            true_maps = normalised_class_maps(output.cams, batch.labels, size).cpu().numpy()
+            thr = cfg.eval.cam_fixed_threshold
+            top1 = torch.as_tensor(np.stack([cam_boxes(m, thr)[0] for m in pred_maps]), dtype=torch.float64)
+            known = torch.as_tensor(np.stack([cam_boxes(m, thr)[0] for m in true_maps]), dtype=torch.float64)
+            # Choe et al.'s frame: GT boxes scaled to the map size and truncated to integers
+            gt_in = [wsol_resize_boxes(b, float(w), float(h), size) for b, w, h in
+                     zip(gt_boxes, widths.cpu().numpy(), heights.cpu().numpy())]
+            maxbox.accumulate(true_maps, gt_in, indices=batch.indices.cpu().numpy())
+            ref_top1 = ref_known = None
+            known_topk = known[:, None, :]
+            levels = known_levels = None
+        else:
+            pred = predict(output, labels=batch.labels, topk=k, use_transform=cfg.eval.use_transform)
+            topk_classes, topk_scores = pred.topk_classes, pred.topk_scores
+            top1, known, known_topk = pred.top1_box, pred.gt_known_box, pred.gt_known_topk_boxes
+            ref_top1, ref_known = pred.top1_ref_box, pred.gt_known_ref_box
+            levels, known_levels = pred.top1_level, pred.gt_known_level
+        w64 = widths.double().cpu()
+        h64 = heights.double().cpu()
+        to_orig = lambda b: None if b is None else boxes_to_original(b.double().cpu()[:, None, :], w64, h64,
+                                                                        size)[:, 0].numpy()
+        loc.accumulate(
+            indices=batch.indices.cpu().numpy(), labels=batch.labels.cpu().numpy(),
+            topk_classes=topk_classes.cpu().numpy(), topk_scores=topk_scores.float().cpu().numpy(),
+            top1_box=to_orig(top1), gt_known_box=to_orig(known),
+            gt_known_topk_boxes=boxes_to_original(known_topk.double().cpu(), w64, h64, size).numpy(),
+            gt_boxes=gt_boxes, top1_ref_box=to_orig(ref_top1), gt_known_ref_box=to_orig(ref_known),
+            levels=None if levels is None else levels.cpu().numpy(),
+            gt_known_levels=None if known_levels is None else known_levels.cpu().numpy(),
+            sizes=batch.sizes.cpu().numpy())
+        if dist.is_main() and len(viz["images"]) < cfg.eval.viz_samples:
+            take = min(len(batch), cfg.eval.viz_samples - len(viz["images"]))
+            imgs = batch.images[:take].permute(0, 2, 3, 1).cpu().numpy()
+            for j in range(take):
+                scale = lambda b: boxes_to_input(np.asarray(b, np.float64).reshape(-1, 4),
+                                                 float(widths[j]), float(heights[j]), size)
+                viz["images"].append(imgs[j])
+                viz["gt"].append(scale(gt_boxes[j]))
+                viz["pred"].append(known[j:j + 1].double().cpu().numpy())
+                viz["ref"].append(None if ref_known is None else ref_known[j:j + 1].double().cpu().numpy())
+                viz["titles"].append(f"#{int(batch.indices[j])} y={int(batch.labels[j])}")
+        seen += len(batch)
+        t_last = time.perf_counter()
+        t_metric += t_last - t1
+
+    # -- the single gather -----------------------------------------------------
+    states = dist.all_gather_object({"loc": loc.state(), "maxbox": maxbox.state() if maxbox else None,
+                                     "times": (t_data, t_model, t_metric, seen)})
+    metrics: dict[str, Any] = {}
+    if dist.is_main():
+        merged = LocalizationEvaluator.merge([s["loc"] for s in states])
+        check_total = expected_total if max_batches is None else None
+        metrics = merged.compute(expected_total=check_total)
+        if maxbox is not None:
+            mb = MaxBoxAccEvaluator.merge([s["maxbox"] for s in states])
+            metrics.update({f"cam_{k}": v for k, v in mb.compute().items()
+                            if isinstance(v, (int, float))})
+        times = np.array([s["times"] for s in states], np.float64)
+        metrics["eval_images"] = int(times[:, 3].sum())
+        metrics["eval_time_data_s"] = float(times[:, 0].max())
+        metrics["eval_time_model_s"] = float(times[:, 1].max())
+        metrics["eval_time_metrics_s"] = float(times[:, 2].max())
+        if out_dir is not None:
+            write_outputs(merged, metrics, viz, Path(out_dir), cfg)
+    metrics = dist.broadcast_object(metrics)
+    model.train(was_training)
+    return metrics
+
+
+def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir: Path, cfg: Config) -> None:
+    """``metrics.json``, ``predictions.csv``, the per-level area histograms and the box picture grid."""
+    from cstn import viz as plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    merged.write_predictions(out_dir / "predictions.csv")
+    for level, rows in merged.area_histograms(bins=cfg.eval.hist_bins).items():
+        name = "all" if level is None else f"P{level}"
+        plots.plot_area_histogram(rows, out_dir / f"area_hist_{name}.png", out_dir / f"area_hist_{name}.csv",
+                                  title=f"localization by GT box area ({name})")
+    if viz["images"]:
+        plots.draw_boxes_grid(viz["images"], viz["gt"], viz["ref"], viz["pred"], out_dir / "boxes.png",
+                              titles=viz["titles"])

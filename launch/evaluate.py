@@ -1,0 +1,93 @@
+"""Evaluate a checkpoint: ``deepspeed [--num_gpus N] launch/evaluate.py --config X.yaml --checkpoint PATH``.
+
+Also runs as a single process (``python launch/evaluate.py ...``). Every rank evaluates
+its shards; rank 0 merges the per-image results (each image once, count checked
+against the manifest), writes ``metrics.json``, ``predictions.csv`` and the plots to
+``--out`` (default ``<run dir>/eval/<split>-<checkpoint tag>``), and logs them to MLflow:
+into the training run when the checkpoint carries its id, else into a new run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from cstn import checkpoint, dist
+from cstn.config import ConfigError, add_config_args, flatten, load_config, to_dict
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint tag directory or a run's checkpoints/ dir")
+    p.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
+    p.add_argument("--out", default=None, help="output directory for metrics.json, predictions and plots")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    args = p.parse_args(argv)
+    dist.prefix_output_with_rank()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    split = args.split or cfg.data.eval_split
+
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    from cstn.engine import resolve_precision
+    from cstn.evaluation import evaluate
+    from cstn.models import build_model
+    from cstn.tracking import TrackingUnavailable, make_tracker
+    from pipeline.loader import build_loader
+
+    model = build_model(cfg)
+    try:
+        meta = checkpoint.load_weights(model, cfg, args.checkpoint)
+    except (checkpoint.CheckpointMismatch, FileNotFoundError) as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    device = dist.device()
+    model.to(device)
+    try:
+        loader = build_loader(cfg, split, dist.rank(), dist.world_size(), train=False)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"data error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    tag_dir = checkpoint.find_resume(cfg, args.checkpoint)
+    out_dir = Path(args.out) if args.out else tag_dir.parent.parent / "eval" / f"{split}-{tag_dir.name}"
+    if dist.is_main():
+        print(f"evaluating {tag_dir} on split '{split}' ({loader.total_samples} images) with "
+              f"{dist.world_size()} rank(s)", flush=True)
+    try:
+        metrics = evaluate(model, loader, cfg, out_dir=out_dir, expected_total=loader.total_samples,
+                           precision=resolve_precision(cfg))
+    except RuntimeError as exc:
+        print(f"evaluation error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+    if dist.is_main():
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1), flush=True)
+        print(f"wrote {out_dir}", flush=True)
+        try:
+            run_dir = tag_dir.parent.parent
+            tracker = make_tracker(cfg, run_dir, True, run_id=meta.get("mlflow_run_id"))
+        except TrackingUnavailable as exc:
+            print(f"tracking error: {exc}; results are in {out_dir}", file=sys.stderr, flush=True)
+            return 2
+        if meta.get("mlflow_run_id") is None:
+            tracker.log_params(flatten(to_dict(cfg)))
+        tracker.log_metrics({f"eval_{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            step=int(meta.get("step", 0)))
+        for f in sorted(out_dir.iterdir()):
+            tracker.log_artifact(f, artifact_path=f"eval/{out_dir.name}")
+        tracker.close()
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
