@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torchvision
 
+from pipeline.schema import boxes_to_input
+
 __all__ = [
     "LocalizationEvaluator",
     "MaxBoxAccEvaluator",
@@ -679,8 +681,7 @@ def wsol_resize_boxes(boxes, width: float, height: float, map_size: int = 224) -
     Returns (n, 4) int64.
     """
     boxes = _numpy(boxes, np.float64).reshape(-1, 4)
-    scale = np.array([map_size / float(width), map_size / float(height)] * 2)
-    return (boxes * scale).astype(np.int64)
+    return boxes_to_input(boxes, float(width), float(height), map_size).astype(np.int64)
 
 
 def _quantise(score_map: np.ndarray) -> np.ndarray:
