@@ -51,7 +51,7 @@ def normalised_class_maps(cams: torch.Tensor, classes: torch.Tensor, size: int) 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | None = None,
              out_dir: str | Path | None = None, expected_total: int | None = None,
-             precision: str = "fp32") -> dict[str, Any]:
+             expected_boxes: int | None = None, precision: str = "fp32") -> dict[str, Any]:
     """Evaluate ``model`` over this rank's part of ``loader``; returns the merged metrics on every rank.
 
     Args:
@@ -60,6 +60,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         max_batches: stop early (dry runs); the count check is skipped then.
         out_dir: where rank 0 writes ``metrics.json``, ``predictions.csv`` and the plots (None: nowhere).
         expected_total: the manifest's sample count; the merged count must equal it.
+        expected_boxes: the manifest's box count; the merged box count must equal it.
     """
     from cstn.boxes import predict
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, cam_boxes, wsol_resize_boxes
@@ -142,22 +143,35 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
                                      "times": (t_data, t_model, t_metric, seen)})
     metrics: dict[str, Any] = {}
     if dist.is_main():
-        merged = LocalizationEvaluator.merge([s["loc"] for s in states])
-        check_total = expected_total if max_batches is None else None
-        metrics = merged.compute(expected_total=check_total)
-        if maxbox is not None:
-            mb = MaxBoxAccEvaluator.merge([s["maxbox"] for s in states])
-            metrics.update({f"cam_{k}": v for k, v in mb.compute().items()
-                            if isinstance(v, (int, float))})
-        times = np.array([s["times"] for s in states], np.float64)
-        metrics["eval_images"] = int(times[:, 3].sum())
-        metrics["eval_time_data_s"] = float(times[:, 0].max())
-        metrics["eval_time_model_s"] = float(times[:, 1].max())
-        metrics["eval_time_metrics_s"] = float(times[:, 2].max())
-        if out_dir is not None:
-            write_outputs(merged, metrics, viz, Path(out_dir), cfg)
+        try:
+            metrics = _merge_and_compute(states, cfg, maxbox is not None, viz, out_dir,
+                                         expected_total if max_batches is None else None,
+                                         expected_boxes if max_batches is None else None)
+        except (ValueError, RuntimeError) as exc:  # every rank must learn of it, or they wait forever
+            metrics = {"__error__": str(exc)}
     metrics = dist.broadcast_object(metrics)
     model.train(was_training)
+    if "__error__" in metrics:
+        raise RuntimeError(metrics["__error__"])
+    return metrics
+
+
+def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, expected_total, expected_boxes):
+    """Rank 0: keep each index once, check the counts, compute, write the outputs."""
+    from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator
+
+    merged = LocalizationEvaluator.merge([s["loc"] for s in states])
+    metrics = merged.compute(expected_total=expected_total, expected_boxes=expected_boxes)
+    if with_maxbox:
+        mb = MaxBoxAccEvaluator.merge([s["maxbox"] for s in states])
+        metrics.update({f"cam_{k}": v for k, v in mb.compute().items() if isinstance(v, (int, float))})
+    times = np.array([s["times"] for s in states], np.float64)
+    metrics["eval_images_read"] = int(times[:, 3].sum())  # with DALI's padding duplicates, if any
+    metrics["eval_time_data_s"] = float(times[:, 0].max())
+    metrics["eval_time_model_s"] = float(times[:, 1].max())
+    metrics["eval_time_metrics_s"] = float(times[:, 2].max())
+    if out_dir is not None:
+        write_outputs(merged, metrics, viz, Path(out_dir), cfg)
     return metrics
 
 

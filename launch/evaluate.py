@@ -21,6 +21,17 @@ from cstn import checkpoint, dist
 from cstn.config import ConfigError, add_config_args, flatten, load_config, to_dict
 
 
+def split_box_count(cfg, split: str) -> int:
+    """Ground-truth boxes of a split from its manifest; a split without any cannot be evaluated."""
+    manifest_path = Path(cfg.data.root) / split / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    boxes = int(manifest.get("counts", {}).get("boxes", 0))
+    if boxes == 0:
+        raise ValueError(f"split {split!r} ({manifest_path}) has no ground-truth boxes: localization needs an "
+                         f"annotated split (ILSVRC val, CUB/synthetic test); training splits carry no boxes")
+    return boxes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(p)
@@ -28,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
     p.add_argument("--out", default=None, help="output directory for metrics.json, predictions and plots")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     dist.prefix_output_with_rank()
     try:
         cfg = load_config(args.config, args.overrides)
@@ -54,7 +65,8 @@ def main(argv=None) -> int:
     model.to(device)
     try:
         loader = build_loader(cfg, split, dist.rank(), dist.world_size(), train=False)
-    except (FileNotFoundError, ValueError) as exc:
+        expected_boxes = split_box_count(cfg, split)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"data error: {exc}", file=sys.stderr, flush=True)
         return 2
     tag_dir = checkpoint.find_resume(cfg, args.checkpoint)
@@ -64,7 +76,7 @@ def main(argv=None) -> int:
               f"{dist.world_size()} rank(s)", flush=True)
     try:
         metrics = evaluate(model, loader, cfg, out_dir=out_dir, expected_total=loader.total_samples,
-                           precision=resolve_precision(cfg))
+                           expected_boxes=expected_boxes, precision=resolve_precision(cfg))
     except RuntimeError as exc:
         print(f"evaluation error: {exc}", file=sys.stderr, flush=True)
         return 1

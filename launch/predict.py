@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--viz", action="store_true", help="also draw the boxes on each image")
     p.add_argument("--batch-size", type=int, default=16)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     import deepspeed
 
     deepspeed.add_config_arguments(parser)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 class Preemption:
