@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m, c = result.manifest, result.manifest["counts"]
     mb = result.input_bytes / 1e6
+    kinds = f" {c['reencoded']}" if c["reencoded"] else ""
     print(f"{m['dataset']}/{m['split']}: {m['total']} samples in {m['num_shards']} shards under {result.split_dir} "
           f"({len(result.written)} written, {len(result.kept)} kept, {len(result.reindexed)} re-indexed); "
-          f"{c['skipped']} skipped, {c['reencoded_total']} re-encoded{' ' + str(c['reencoded']) if c['reencoded'] else ''}, "
+          f"{c['skipped']} skipped, {c['reencoded_total']} re-encoded{kinds}, "
           f"{c['boxes']} boxes ({c['boxes_clipped']} clipped, {c['boxes_dropped']} dropped); "
           f"{result.seconds:.1f}s, {mb / max(result.seconds, 1e-9):.1f} MB/s")
     for s in m["skipped"][:10]:

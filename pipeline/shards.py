@@ -319,8 +319,11 @@ class _Checker:
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:

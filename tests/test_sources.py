@@ -243,7 +243,8 @@ def test_cub_duplicate_key_and_dotted_names(synthetic, tmp_path):
     lines = images.read_text().splitlines()
     lines[1] = lines[1].split()[0] + " 001.disc_0/synth_000000.jpg"
     images.write_text("\n".join(lines) + "\n")
-    (root / "image_class_labels.txt").write_text((root / "image_class_labels.txt").read_text().replace("2 2\n", "2 1\n"))
+    labels = root / "image_class_labels.txt"
+    labels.write_text(labels.read_text().replace("2 2\n", "2 1\n"))
     with pytest.raises(SourceError, match=r"duplicate key 'synth_000000'"):
         cub.list_split(root, "train")
     lines[1] = lines[1].split()[0] + " 001.disc_0/synth.v2.jpg"

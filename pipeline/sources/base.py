@@ -25,7 +25,7 @@ class SourceError(ValueError):
     """Bad dataset metadata; the message names the file (and line, key or class) at fault."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClassInfo:
     """One class: ``index`` (0-based label), ``id`` (ILSVRC wnid such as ``n01440764``, or the CUB
     class directory such as ``001.Black_footed_Albatross``) and a human-readable ``name``."""
@@ -35,7 +35,7 @@ class ClassInfo:
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
     """One input image of a split.
 
@@ -61,7 +61,7 @@ class SourceItem:
     file_size: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """A file found in the split's image folders that is not an input image (e.g. ``.DS_Store``)."""
 

@@ -13,7 +13,9 @@ Splits are ``train`` and ``test`` (CUB has no validation split). Source order is
 order. Class ``k`` (0-based) is ``class_id - 1``; its ``id`` is the class folder name
 (``001.Black_footed_Albatross``) and its ``name`` the part after ``NNN.`` with spaces. A box
 ``x y w h`` becomes ``xyxy = (x, y, x + w, y + h)`` (x1/y1 exclusive); every image has at least one.
-The sample key is the image's file stem (unique in CUB, never with a dot).
+The sample key is the image's file stem (unique in CUB, never with a dot). The inputs of a split
+are the files ``images.txt`` lists for it (a listed file missing on disk is skipped and listed by
+the writer); other files under ``images/`` are not part of the dataset.
 """
 
 from __future__ import annotations
