@@ -23,9 +23,14 @@ in float64, forward and backward):
   channels over the whole map), then each tap's Q-channel projection is sampled at its own point
   and the k^2 samples are summed. Cheap when the output grid is as large as the map (padding
   ``(k-1)/2``) and Q is small; costly without padding (the projection covers all H W cells).
-* ``fast``: the one measured fastest by ``bench/head.py`` on CPU: ``im2col``. (torchvision's CPU
-  ``deform_conv2d`` loops single-threaded and was 3-7x slower than ``im2col`` at the ILSVRC
-  setting; ``project`` needs the projection over all H W cells, 6x the conv without padding.)
+* ``fast``: the one measured fastest by ``bench/head.py`` on CPU: ``im2col``. (In head-only
+  measurements here torchvision's CPU ``deform_conv2d``, which loops single-threaded, was 3-7x
+  slower than ``im2col``; ``project`` projects all H W cells, 6x the conv's work at k = 13 on a
+  20 x 20 P4 without padding; ``reference``'s stride-k conv was slower than one GEMM.)
+
+Tap positions and bilinear sampling are computed in float32 (float64 for a float64 model) also
+under autocast and with bf16 weights; the filter-bank product then runs in the autocast or weight
+precision. No GPU was available to measure ``deform`` there.
 """
 
 from __future__ import annotations

@@ -103,13 +103,16 @@ class CSTNModel(nn.Module):
             k, p = self.window[level]
             stride = STRIDES[level]
             # Geometry is float32 whatever the network's precision (float64 only for a float64 model).
-            geo_dtype = torch.float64 if theta.dtype == torch.float64 else torch.float32
+            geo_dtype = torch.float64 if level_logits.dtype == torch.float64 else torch.float32
             centres = window_centres(features.shape[-2], features.shape[-1], k, p, dtype=geo_dtype,
                                      device=images.device) * stride
             half = torch.full((centres.shape[0],), k / 2 * stride, dtype=geo_dtype, device=images.device)
             ref = reference_boxes(centres, half, image_hw).expand(batch, -1, -1)
             theta = theta.to(geo_dtype)
-            box = transformed_boxes(theta.detach(), centres, half, image_hw) if self.heads[f"p{level}"].transform else ref
+            if self.heads[f"p{level}"].transform:
+                box = transformed_boxes(theta.detach(), centres, half, image_hw)
+            else:
+                box = ref
             logits.append(level_logits.flatten(2).to(geo_dtype))
             thetas.append(theta)
             boxes.append(box)
