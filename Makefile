@@ -25,8 +25,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/demo.py
 
+eval-scale: $(STAMP)
+	$(PY) bench/eval_scale.py
+
 bench: $(STAMP)
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(filter-out bench/eval_scale.py,$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf runs data .pytest_cache

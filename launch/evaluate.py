@@ -35,7 +35,9 @@ def split_box_count(cfg, split: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint tag directory or a run's checkpoints/ dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint tag directory or a run's checkpoints/ dir; 'init' evaluates the untrained, "
+                        "seeded model (scale and throughput tests: results go to train.out_dir)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
     p.add_argument("--out", default=None, help="output directory for metrics.json, predictions and plots")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -55,9 +57,11 @@ def main(argv=None) -> int:
     from cstn.tracking import TrackingUnavailable, make_tracker
     from pipeline.loader import build_loader
 
+    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     try:
-        meta = checkpoint.load_weights(model, cfg, args.checkpoint)
+        untrained = args.checkpoint == "init"
+        meta = {} if untrained else checkpoint.load_weights(model, cfg, args.checkpoint)
     except (checkpoint.CheckpointMismatch, FileNotFoundError) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -69,10 +73,14 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"data error: {exc}", file=sys.stderr, flush=True)
         return 2
-    tag_dir = checkpoint.find_resume(cfg, args.checkpoint)
-    out_dir = Path(args.out) if args.out else tag_dir.parent.parent / "eval" / f"{split}-{tag_dir.name}"
+    if untrained:
+        run_dir, tag_name = Path(cfg.train.out_dir), "init"
+    else:
+        tag_dir = checkpoint.find_resume(cfg, args.checkpoint)
+        run_dir, tag_name = tag_dir.parent.parent, tag_dir.name
+    out_dir = Path(args.out) if args.out else run_dir / "eval" / f"{split}-{tag_name}"
     if dist.is_main():
-        print(f"evaluating {tag_dir} on split '{split}' ({loader.total_samples} images) with "
+        print(f"evaluating {run_dir} ({tag_name}) on split '{split}' ({loader.total_samples} images) with "
               f"{dist.world_size()} rank(s)", flush=True)
     try:
         metrics = evaluate(model, loader, cfg, out_dir=out_dir, expected_total=loader.total_samples,
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1), flush=True)
         print(f"wrote {out_dir}", flush=True)
         try:
-            run_dir = tag_dir.parent.parent
+            run_dir.mkdir(parents=True, exist_ok=True)
             tracker = make_tracker(cfg, run_dir, True, run_id=meta.get("mlflow_run_id"))
         except TrackingUnavailable as exc:
             print(f"tracking error: {exc}; results are in {out_dir}", file=sys.stderr, flush=True)
