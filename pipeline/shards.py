@@ -278,7 +278,7 @@ class _Checker:
     threads); at most ``4 * workers`` chunks are in flight, so memory stays flat on any dataset size.
     """
 
-    def __init__(self, workers: int, quality: int, chunk: int = 8):
+    def __init__(self, workers: int, quality: int, chunk: int = 32):
         self.quality, self.chunk = quality, chunk
         self.max_pending = 4 * max(1, workers)
         self.pool = None
