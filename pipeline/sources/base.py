@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SourceError", "ClassInfo", "SourceItem", "Rejected", "SourceListing", "check_key"]
+__all__ = ["SourceError", "ClassInfo", "SourceItem", "Rejected", "SourceListing", "check_key", "check_unique_keys",
+           "file_size"]
 
 
 class SourceError(ValueError):
