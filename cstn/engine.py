@@ -148,3 +148,26 @@ def summarize(metrics: dict[str, Any]) -> str:
     """The headline figures of an evaluation (IoU 0.5, all sizes) on one line."""
     return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                      if isinstance(v, float) and not any(d in k for d in _DETAIL))
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over the ranks, in place.
+
+    DeepSpeed all-reduces gradients but not buffers, so each rank's BatchNorm statistics drift
+    apart; evaluation (each rank scores its own shards) and checkpoints (rank 0's copy) would
+    then depend on the world size. Called after every optimizer step, it keeps one set of
+    statistics: the running average of the ranks' batch statistics.
+    """
+    if not dist.is_initialized() or dist.world_size() == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
+    torch.distributed.all_reduce(flat)
+    flat /= dist.world_size()
+    offset = 0
+    for b in buffers:
+        n = b.numel()
+        b.copy_(flat[offset:offset + n].view_as(b).to(b.dtype))
+        offset += n
