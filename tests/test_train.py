@@ -1,6 +1,7 @@
 """`launch/train.py` under real DeepSpeed launches (CPU, gloo): dry run, exact resume, multi-node, MLflow."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,18 @@ def test_resume_is_exact_multinode_and_tracked(tiny_shards, tmp_path):
         worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
         assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
         assert (tmp_path / "B" / "config.yaml").is_file()
+
+        # The evaluation at the end of training (2 ranks, each its own shards) equals a later
+        # single-process evaluation of the saved checkpoint: ranks share one model, BatchNorm included.
+        res = run([sys.executable, "launch/evaluate.py", "--config", "configs/tiny.yaml", f"data.root={tiny_shards}",
+                   "--checkpoint", str(tmp_path / "B" / "checkpoints"), "--out", str(tmp_path / "B_eval"),
+                   "log.mlflow=false"])
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        timing = ("eval_time", "eval_images_read")
+        strip = lambda m: {k: v for k, v in m.items() if not k.startswith(timing)}
+        in_training = json.loads((tmp_path / "B" / "eval" / "epoch002" / "metrics.json").read_text())
+        afterwards = json.loads((tmp_path / "B_eval" / "metrics.json").read_text())
+        assert strip(in_training) == strip(afterwards)
 
         client = MlflowClient(server.uri)
         exp = client.get_experiment_by_name("B")
