@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     split = args.split or cfg.data.eval_split
 
     dist.init(cfg.dist.backend, cfg.dist.timeout_s)
-    from cstn.engine import resolve_precision
+    from cstn.engine import resolve_precision, summarize
     from cstn.evaluation import evaluate
     from cstn.models import build_model
     from cstn.tracking import TrackingUnavailable, make_tracker
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         return 1
 
     if dist.is_main():
-        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1), flush=True)
+        print("eval " + summarize(metrics), flush=True)
         print(f"wrote {out_dir}", flush=True)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
