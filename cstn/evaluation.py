@@ -19,6 +19,7 @@ MaxBoxAccV2 over the maps of the true class in the input frame (Choe et al.).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, exp
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator
 
     merged = LocalizationEvaluator.merge([s["loc"] for s in states])
+    if expected_total is not None:
+        check_exactly_once(merged.table()["index"] if len(merged) else np.zeros(0, np.int64), int(expected_total))
     metrics = merged.compute(expected_total=expected_total, expected_boxes=expected_boxes)
     if with_maxbox:
         mb = MaxBoxAccEvaluator.merge([s["maxbox"] for s in states])
@@ -175,12 +178,39 @@ def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, exp
     return metrics
 
 
+def check_exactly_once(indices: np.ndarray, expected_total: int, show: int = 10) -> None:
+    """Raise ValueError unless the merged global indices are exactly ``0 .. expected_total - 1``.
+
+    The message names both counts and the first ``show`` missing (or unexpected) indices, so a
+    sample lost on the way (a corrupt image skipped by ``data.on_corrupt=skip``, a shard the
+    loader did not read) can be traced to its shard through the split's manifest.
+    """
+    indices = np.unique(np.asarray(indices, np.int64))
+    if len(indices) == expected_total and (expected_total == 0 or (indices[0] == 0 and indices[-1] == expected_total - 1)):
+        return
+    missing = np.setdiff1d(np.arange(expected_total, dtype=np.int64), indices)
+    extra = indices[(indices < 0) | (indices >= expected_total)]
+    parts = [f"merged evaluation holds {len(indices)} distinct images but the manifest total is {expected_total}"]
+    if len(missing):
+        parts.append(f"{len(missing)} missing, first indices {missing[:show].tolist()}")
+    if len(extra):
+        parts.append(f"{len(extra)} outside 0..{expected_total - 1}, first {extra[:show].tolist()}")
+    raise ValueError("; ".join(parts) + " (a skipped corrupt sample is named with its shard in the reader's "
+                     "warnings; data.on_corrupt=fail stops at it instead)")
+
+
 def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir: Path, cfg: Config) -> None:
-    """``metrics.json``, ``predictions.csv``, the per-level area histograms and the box picture grid."""
+    """``predictions.csv``, the per-level area histograms, the box picture grid, then ``metrics.json``.
+
+    ``metrics.json`` is written last and atomically (temporary file + rename): when it exists, the
+    evaluation that wrote it completed; an evaluation killed on the way leaves none (re-run it).
+    """
     from cstn import viz as plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    stale = out_dir / "metrics.json"
+    if stale.exists():  # from an earlier evaluation into this directory: not valid for this one until rewritten
+        stale.unlink()
     merged.write_predictions(out_dir / "predictions.csv")
     for level, rows in merged.area_histograms(bins=cfg.eval.hist_bins).items():
         name = "all" if level is None else f"P{level}"
@@ -189,3 +219,6 @@ def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir
     if viz["images"]:
         plots.draw_boxes_grid(viz["images"], viz["gt"], viz["ref"], viz["pred"], out_dir / "boxes.png",
                               titles=viz["titles"])
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    os.replace(tmp, out_dir / "metrics.json")

@@ -13,7 +13,8 @@ Failure behaviour, chosen for long runs:
   (the caller exits with a clear message; ``log.mlflow=false`` runs without tracking);
 - failure mid-run: metrics stay queued in memory and a background thread retries
   (a warning is printed once per outage and once on recovery); training never waits
-  on the server;
+  on the server; artifacts that failed to upload are retried the same way (they stay
+  files in the run directory when the server is still down at the end);
 - still unsent at the end (server down when the job finishes): the queue is written to
   ``<out_dir>/mlflow_pending.jsonl``; ``python launch/sync_mlflow.py --run-dir DIR``
   (or the next resume of the run) sends it.
@@ -131,6 +132,7 @@ class MlflowTracker(Tracker):
 
         self._queue: "queue.Queue[tuple[str, float, int, int]]" = queue.Queue()
         self._pending: list[tuple[str, float, int, int]] = []
+        self._pending_artifacts: list[tuple[str, str | None]] = []  # (local path, artifact_path) to retry
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._stop = threading.Event()
@@ -155,7 +157,10 @@ class MlflowTracker(Tracker):
             self._queue.put((key, float(value), now, int(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+        """Upload now; on failure the upload is queued and retried with the metrics."""
+        if not self._call(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path)):
+            with self._lock:
+                self._pending_artifacts.append((str(path), artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -175,6 +180,10 @@ class MlflowTracker(Tracker):
         self._stop.set()
         self._thread.join(timeout=5)
         if not self.flush(timeout_s=20):
+            if self._pending_artifacts:
+                print(f"mlflow: {len(self._pending_artifacts)} artifact(s) could not be uploaded to {self.uri}; "
+                      f"they stay in the run directory: " + ", ".join(p for p, _ in self._pending_artifacts),
+                      flush=True)
             self._write_spool()
             print(f"mlflow: {len(self._pending)} metric values could not be sent to {self.uri}; kept in "
                   f"{self.out_dir / PENDING_FILE} (send with: python launch/sync_mlflow.py --run-dir "
@@ -214,6 +223,14 @@ class MlflowTracker(Tracker):
                               f"training goes on, {len(self._pending)} values queued for retry", flush=True)
                     return False
                 del self._pending[:len(chunk)]
+            while self._pending_artifacts:
+                path, artifact_path = self._pending_artifacts[0]
+                try:
+                    self._client.log_artifact(self.run_id, path, artifact_path)
+                except Exception:
+                    self._down_since = self._down_since or time.time()
+                    return False
+                del self._pending_artifacts[0]
             if self._down_since is not None:
                 print(f"mlflow: tracking server back after {time.time() - self._down_since:.0f}s; "
                       f"queued values sent", flush=True)

@@ -96,8 +96,16 @@ def main(argv=None) -> int:
             sys.stdout.write(__import__("cstn.config", fromlist=["dump_yaml"]).dump_yaml(cfg))
 
     model = build_model(cfg)
-    if not args.dry_run:
-        checkpoint.preflight(cfg, model)  # fail now, not after an epoch, when checkpoints cannot be written
+    if not args.dry_run:  # fail now, not after an epoch, when checkpoints cannot be written
+        try:
+            checkpoint.preflight(cfg, model)
+            problem = ""
+        except RuntimeError as exc:
+            problem = str(exc)
+        if dist.all_reduce_max(float(bool(problem))) > 0:  # every rank stops, not only those that failed
+            print(f"checkpoint error: {problem or 'the checkpoint preflight failed on another rank'}; "
+                  f"no training step was run", file=sys.stderr, flush=True)
+            return 2
     train_loader = build_loader(cfg, cfg.data.train_split, rank, world, train=True)
     eval_loader = build_loader(cfg, cfg.data.eval_split, rank, world, train=False)
     steps_per_epoch = max(1, train_loader.num_batches // cfg.train.grad_accum)
@@ -182,9 +190,15 @@ def main(argv=None) -> int:
             stop = step >= total_steps
             halt = cfg.train.halt_after_steps and step >= cfg.train.halt_after_steps
             periodic = cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0
-            if preempt.requested or halt:
+            # A SIGTERM reaches the ranks at different moments (a launcher signals them one after
+            # another): all ranks stop after the same step when any of them has it.
+            preempted = dist.all_reduce_max(float(preempt.requested)) > 0
+            if preempted or halt:
                 save(epoch, batch_in_epoch)
-                tracker.close(status="KILLED" if preempt.requested else "RUNNING")
+                tracker.close(status="KILLED" if preempted else "RUNNING")
+                if main_rank and preempted:
+                    print(f"preempted: checkpoint at step {step} written; exiting 0 (resume with --resume auto)",
+                          flush=True)
                 return 0
             if periodic and not stop and not args.dry_run:
                 save(epoch, batch_in_epoch)
@@ -214,13 +228,31 @@ def main(argv=None) -> int:
         if args.dry_run:
             break
         progress.restart_clock()  # evaluation and checkpoint time is not training time
+    # Corrupt samples skipped by the reader (data.on_corrupt=skip), summed over the ranks.
+    skipped = int(dist.all_reduce_sum([float(getattr(train_loader, "skipped", 0))])[0])
     if main_rank:
-        summary = {"step": step, "epoch": epoch, "best_metric": best_metric}
+        summary = {"step": step, "epoch": epoch, "best_metric": best_metric, "skipped_samples": skipped}
+        if skipped:
+            print(f"warning: {skipped} corrupt training sample(s) were skipped (data.on_corrupt=skip); "
+                  f"the warnings above name their shards", file=sys.stderr, flush=True)
+        tracker.log_metrics({"train/skipped_samples": skipped}, step)
         print("done: " + json.dumps(summary), flush=True)
     tracker.close(status=status)
     dist.barrier()
     return 0
 
 
+def run() -> int:
+    """``main`` with unreadable input data reported as one line naming the shard (exit 2)."""
+    from pipeline.loader import CorruptSampleError, ShardError
+
+    try:
+        return main()
+    except (CorruptSampleError, ShardError) as exc:
+        print(f"data error: {exc} (data.on_corrupt=skip counts and skips undecodable samples)",
+              file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
