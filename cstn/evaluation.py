@@ -52,7 +52,8 @@ def normalised_class_maps(cams: torch.Tensor, classes: torch.Tensor, size: int) 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | None = None,
              out_dir: str | Path | None = None, expected_total: int | None = None,
-             expected_boxes: int | None = None, precision: str = "fp32") -> dict[str, Any]:
+             expected_boxes: int | None = None, precision: str = "fp32",
+             log_every: int = 50) -> dict[str, Any]:
     """Evaluate ``model`` over this rank's part of ``loader``; returns the merged metrics on every rank.
 
     Args:
@@ -62,6 +63,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         out_dir: where rank 0 writes ``metrics.json``, ``predictions.csv`` and the plots (None: nowhere).
         expected_total: the manifest's sample count; the merged count must equal it.
         expected_boxes: the manifest's box count; the merged box count must equal it.
+        log_every: rank 0 prints a progress line (img/s, ETA) every this many batches (0 = never).
     """
     from cstn.boxes import predict
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, cam_boxes, wsol_resize_boxes
@@ -75,7 +77,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
     maxbox = MaxBoxAccEvaluator.from_config(cfg) if is_cam else None
     viz: dict[str, list] = {"images": [], "gt": [], "ref": [], "pred": [], "titles": []}
     t_data = t_model = t_metric = 0.0
-    t_last = time.perf_counter()
+    t_last = t_start = time.perf_counter()
     seen = 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -137,6 +139,11 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
                 viz["titles"].append(f"#{int(batch.indices[j])} y={int(batch.labels[j])}")
         seen += len(batch)
         t_last = time.perf_counter()
+        if dist.is_main() and log_every and (i + 1) % log_every == 0:
+            rate = seen / max(1e-9, t_last - t_start)  # this rank's images; the others run alike
+            left = max(0, getattr(loader, "num_samples", seen) - seen) / max(rate, 1e-9)
+            print(f"eval batch {i + 1}/{len(loader)}  {rate * dist.world_size():.0f} img/s (all ranks)  "
+                  f"eta {left:.0f}s", flush=True)
         t_metric += t_last - t1
 
     # -- the single gather -----------------------------------------------------
