@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     assert m["num_images"] == 50_000, f"merged {m['num_images']} images, expected 50,000"
     assert m["num_gt_boxes"] == 80_477, f"merged {m['num_gt_boxes']} boxes, expected 80,477"
     busy = m["eval_time_data_s"] + m["eval_time_model_s"] + m["eval_time_metrics_s"]
-    result = {"images": m["num_images"], "boxes": m["num_gt_boxes"], "ranks": args.ranks,
+    result = {"images": int(m["num_images"]), "boxes": int(m["num_gt_boxes"]), "ranks": args.ranks,
               "evaluate_wall_s": round(times["evaluate_s"], 1),
               "img_s": round(50_000 / times["evaluate_s"], 1),
               "share_data_wait": round(m["eval_time_data_s"] / busy, 3),
