@@ -6,6 +6,7 @@ metric steps logged while the server was down (``test_training_faults.test_track
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,20 @@ class Reference:
 @pytest.fixture(scope="package")
 def reference(tiny_shards, tmp_path_factory) -> Reference:
     root = tmp_path_factory.mktemp("reference")
-    server = MlflowServer(root / "mlflow").start()
+    server = MlflowServer(root / "mlflow")
     out = root / "run"
     gates = root / "gates"
     stop_after, back_after = 3, 7
+    # The server starts while the job imports and builds its engine; the job waits for it at the tracker.
+    starting = ThreadPoolExecutor(1).submit(server.start)
     job = Job("launch/train.py", train_args(tiny_shards, out, "log.experiment=faults", "train.log_every_steps=1"),
-              faults=[{"point": "step", "step": stop_after, "where": "after", "ranks": [0], "gate": str(gates / "a")},
+              faults=[{"point": "tracker", "gate": str(gates / "up")},
+                      {"point": "step", "step": stop_after, "where": "after", "ranks": [0], "gate": str(gates / "a")},
                       {"point": "step", "step": back_after, "where": "after", "ranks": [0], "gate": str(gates / "b")}],
               MLFLOW_TRACKING_URI=server.uri)
     try:
+        starting.result(timeout=180)
+        touch(gates / "up")
         job.wait_for(f"FAULT-PAUSE step{stop_after}-after rank=0")
         server.stop()
         touch(gates / "a")  # steps 3..6 and the epoch-1 evaluation are logged while the server is down

@@ -15,7 +15,10 @@ stopping the tracking server). Nothing in ``cstn/``, ``pipeline/`` or ``launch/`
         rank 0 of a checkpoint save, after every rank's files are on disk and before ``meta.json``
         (the moment that makes the checkpoint count) is written;
     {"point": "eval_outputs"}
-        rank 0 of an evaluation, after ``predictions.csv`` is written and before the plots.
+        rank 0 of an evaluation, after ``predictions.csv`` is written and before the plots;
+    {"point": "tracker"}
+        every rank, right before the experiment tracker is created (the test can start a tracking
+        server while the job spends its first seconds importing and building the engine).
 
 Each point may carry ``"gate": PATH``: the pause ends when that file exists. Without a gate the
 rank waits (up to ``max_s``, default 600 s) for the test to kill it. Reaching a point prints
@@ -56,6 +59,7 @@ def install(plan: list[dict]) -> None:
     import cstn.checkpoint
     import cstn.engine
     import cstn.losses
+    import cstn.tracking
     import cstn.viz
 
     state = {"base": 0, "loss_calls": 0, "steps_done": 0, "plots": 0}
@@ -115,6 +119,16 @@ def install(plan: list[dict]) -> None:
         return original_plot(*args, **kwargs)
 
     cstn.viz.plot_area_histogram = plot_area_histogram
+
+    original_make_tracker = cstn.tracking.make_tracker
+
+    def make_tracker(*args, **kwargs):
+        for spec in plan:
+            if spec["point"] == "tracker":
+                _pause("tracker", spec)
+        return original_make_tracker(*args, **kwargs)
+
+    cstn.tracking.make_tracker = make_tracker
 
 
 def main() -> None:

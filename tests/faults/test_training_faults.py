@@ -17,12 +17,17 @@ from mlflow.tracking import MlflowClient
 from cstn.checkpoint import META
 from tests.faults.common import ROOT, Job, env, final_weights, latest_tag, max_difference, touch, train_args
 
+pytestmark = pytest.mark.slow
+
 EXIT_BOUND_S = 90  # a job with a dead rank must be gone this long after the fault (the machine is shared)
 
 
 def resume_and_compare(shards, out, reference, expect_from: str) -> Job:
     job = Job("launch/train.py", train_args(shards, out, "log.mlflow=false", "--resume", "auto"))
-    code = job.wait()
+    try:
+        code = job.wait()
+    finally:
+        job.kill()
     assert code == 0, job.tail()
     assert f"resumed from {out / 'checkpoints' / expect_from}" in job.output
     assert latest_tag(out) == "step00000010"
@@ -31,12 +36,13 @@ def resume_and_compare(shards, out, reference, expect_from: str) -> Job:
     return job
 
 
+@pytest.mark.timeout(600)
 def test_reference_run_completed(reference):
     assert reference.returncode == 0, reference.job.tail()
     assert latest_tag(reference.out_dir) == "step00000010"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(700)  # includes the shared reference run
 def test_tracking_server_outage(reference):
     """The server stops after step 3 and comes back after step 7: training goes on, and the run ends
     up with every metric step, the evaluation logged during the outage and its artifacts."""
@@ -56,7 +62,7 @@ def test_tracking_server_outage(reference):
     assert "eval/epoch001/metrics.json" in epoch1, epoch1  # uploaded while the server was down: retried
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)  # includes the shared reference run
 def test_killed_rank_then_interrupted_checkpoint_write(tiny_shards, reference, tmp_path):
     """SIGKILL of rank 1 after step 3: the job ends non-zero, promptly. The resumed job is then killed
     while writing the step-4 checkpoint (files on disk, meta.json not yet): ``latest`` stays at
@@ -102,7 +108,7 @@ def test_killed_rank_then_interrupted_checkpoint_write(tiny_shards, reference, t
     resume_and_compare(tiny_shards, out, reference, "step00000002")
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)  # includes the shared reference run
 def test_preemption(tiny_shards, reference, tmp_path):
     """SIGTERM, twice, then a resume to the end with the reference weights.
 
@@ -168,9 +174,14 @@ def test_checkpoint_dir_unusable_fails_before_training(tiny_shards, tmp_path):
     procs = {name: subprocess.Popen([sys.executable, "launch/train.py", *train_args(tiny_shards, out_dir), *extra],
                                     cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (out_dir, extra, _) in cases.items()}
+    try:
+        outputs = {name: proc.communicate(timeout=240) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
     for name, proc in procs.items():
         out_dir, _, message = cases[name]
-        stdout, stderr = proc.communicate(timeout=240)
+        stdout, stderr = outputs[name]
         assert proc.returncode == 2, (name, stdout[-2000:], stderr[-2000:])
         error = [line for line in stderr.splitlines() if line.startswith("checkpoint error:")]
         assert error and str(out_dir / "checkpoints") in error[0] and message in error[0], (name, stderr[-2000:])
