@@ -6,6 +6,7 @@ uninterrupted reference run (``conftest.reference``), equal within 1e-6.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,8 +55,11 @@ def test_tracking_server_outage(reference):
     runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-    assert steps == list(range(1, 11)), steps
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert [step for step, _ in history] == list(range(1, 11)), history
+    printed = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step (\d+)/10 .*? loss ([\d.]+)", out)}
+    assert {step: round(value, 4) for step, value in history} == printed  # the values training printed
+    assert "mlflow: tracking server back after" in out  # the queued values went out once it answered
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/gt_known_loc")) == [5, 10]
     assert run.info.status == "FINISHED"
     epoch1 = [f.path for f in client.list_artifacts(run.info.run_id, "eval/epoch001")]
