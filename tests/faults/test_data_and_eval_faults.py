@@ -122,8 +122,8 @@ def without_timing(metrics: dict) -> dict:
 @pytest.mark.timeout(800)  # includes the shared reference run
 def test_evaluation_killed_and_rerun(tiny_shards, reference, tmp_path):
     """Rank 0 of a 2-rank evaluation is killed while writing its outputs: the job ends non-zero, no
-    ``metrics.json`` is left to be mistaken for a result, and a re-run gives the metrics of the
-    uninterrupted evaluation (the reference run's final one, same checkpoint)."""
+    ``metrics.json`` is left to be mistaken for a result, and a re-run into the same directory gives
+    the metrics and predictions of an uninterrupted evaluation of the same checkpoint."""
     assert reference.returncode == 0, reference.job.tail()
     out = tmp_path / "eval"
     args = evaluate_cmd(tiny_shards, reference.out_dir, out)
@@ -140,9 +140,19 @@ def test_evaluation_killed_and_rerun(tiny_shards, reference, tmp_path):
     assert code != 0 and elapsed < EXIT_BOUND_S, (code, elapsed)
     assert not (out / "metrics.json").exists()
 
-    res = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    clean = tmp_path / "uninterrupted"
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for cmd in (args, evaluate_cmd(tiny_shards, reference.out_dir, clean))]
+    try:
+        results = [(p.communicate(timeout=240), p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for (_, err), code in results:
+        assert code == 0, err[-3000:]
     rerun = json.loads((out / "metrics.json").read_text())
-    uninterrupted = json.loads((reference.out_dir / "eval" / "epoch002" / "metrics.json").read_text())
-    assert without_timing(rerun) == without_timing(uninterrupted)
+    uninterrupted = json.loads((clean / "metrics.json").read_text())
     assert rerun["num_images"] == 22
+    assert without_timing(rerun) == without_timing(uninterrupted)
+    assert (out / "predictions.csv").read_text() == (clean / "predictions.csv").read_text()
