@@ -81,8 +81,11 @@ def dali_placement(local_rank: int, cuda_available: Optional[bool] = None) -> Da
 @pipeline_def(enable_conditionals=True)
 def wsol_pipeline(tars: list[str], indexes: list[str], shard_id: int, num_shards: int, train: bool,
                   image_size: int, random_flip: bool, random_resized_crop: bool,
-                  crop_scale: tuple[float, float], with_boxes: bool, decoder: str, shuffle_buffer: int):
-    """The one graph of both devices. Outputs, per sample:
+                  crop_scale: tuple[float, float], with_boxes: bool, decoder: str, shuffle_buffer: int,
+                  antialias_above: float = ANTIALIAS_ABOVE):
+    """The one graph of both devices (``antialias_above=0`` antialiases every resize, DALI's default).
+
+    Outputs, per sample:
 
     images (3, S, S) uint8; labels (1,) int32; indices (1,) int64; then ``flipped`` (1,) int32 when
     ``random_flip``; then boxes (n_max, 4) float32 original pixels zero-padded over the batch,
@@ -103,7 +106,7 @@ def wsol_pipeline(tars: list[str], indexes: list[str], shard_id: int, num_shards
         region_hw = original_hw
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
     shrink = fn.reductions.max(fn.cast(region_hw, dtype=types.FLOAT)) / float(image_size)
-    if shrink > ANTIALIAS_ABOVE:  # per-sample: antialiasing only where bilinear would skip pixels
+    if shrink > antialias_above:  # per-sample: antialiasing only where bilinear would skip pixels
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True,
                            interp_type=types.INTERP_LINEAR)
     else:
@@ -124,6 +127,17 @@ def wsol_pipeline(tars: list[str], indexes: list[str], shard_id: int, num_shards
     return tuple(outputs)
 
 
+def _overlapping(request: LoaderRequest) -> list[str]:
+    """Shards holding part of the rank's evaluation range."""
+    start, stop = request.rank_range
+    out, base = [], 0
+    for shard in request.split.shards:
+        if base < stop and start < base + shard.count:
+            out.append(str(shard.tar))
+        base += shard.count
+    return out
+
+
 def _output_names(random_flip: bool, with_boxes: bool) -> list[str]:
     names = ["images", "labels", "indices"]
     if random_flip:
@@ -142,13 +156,15 @@ class DaliLoader:
 
     backend = "dali"
 
-    def __init__(self, request: LoaderRequest, placement: Optional[DaliPlacement] = None):
+    def __init__(self, request: LoaderRequest, placement: Optional[DaliPlacement] = None,
+                 antialias_above: float = ANTIALIAS_ABOVE):
         self.placement = placement or dali_placement(request.local_rank)
         self.train = request.train
         self.with_boxes = request.with_boxes
         self.random_flip = request.random_flip
         self.shards = [str(s.tar) for s in request.split.shards]
         self.rank = request.rank
+        self.read_shards = self.shards if request.train else _overlapping(request)
         self.total_samples = request.split.total
         start, stop = request.rank_range
         if self.train:
@@ -164,6 +180,7 @@ class DaliLoader:
             image_size=request.image_size, random_flip=request.random_flip,
             random_resized_crop=request.random_resized_crop, crop_scale=request.crop_scale,
             with_boxes=request.with_boxes, decoder=self.placement.decoder, shuffle_buffer=request.shuffle_buffer,
+            antialias_above=antialias_above,
             batch_size=request.batch_size, num_threads=max(1, request.num_workers),
             device_id=self.placement.device_id, seed=request.seed * 1000 + request.rank + 1,
             prefetch_queue_depth=2)
@@ -180,11 +197,15 @@ class DaliLoader:
         self._pass_open = False  # an evaluation pass was left before its end
 
     def _error(self, exc: BaseException) -> RuntimeError:
-        text = str(exc)
-        hint = ("a JPEG in one of its shards cannot be decoded" if "decod" in text.lower()
-                else "DALI failed reading its shards")
-        return CorruptSampleError(f"DALI pipeline of rank {self.rank}: {hint} (shards: {', '.join(self.shards)}): "
-                                  f"{text.strip().splitlines()[0] if text.strip() else type(exc).__name__}")
+        """DALI's error, shortened to its operator and failure lines, naming the shards this rank reads."""
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        keep = [ln for ln in lines if ("error" in ln.lower() or "failure" in ln.lower() or "invalid" in ln.lower())
+                and not ln.lower().startswith(("critical error in pipeline", "current pipeline object"))]
+        detail = " ".join(keep or lines[:3]) or type(exc).__name__
+        decode = any("decod" in ln.lower() or "codec" in ln.lower() for ln in lines)
+        what = "a JPEG in one of its shards cannot be decoded" if decode else "DALI failed reading its shards"
+        return CorruptSampleError(f"DALI pipeline of rank {self.rank}: {what} (shards: {', '.join(self.read_shards)}); "
+                                  f"{detail}. data.backend=torch names the sample, data.on_corrupt=skip skips it")
 
     def _to_batch(self, out: dict) -> Batch:
         batch = Batch(images=out["images"], labels=out["labels"].reshape(-1).long(),

@@ -53,7 +53,7 @@ from pipeline.batch import Batch
 
 __all__ = [
     "ShardError", "CorruptSampleError", "ShardInfo", "SplitInfo", "LoaderRequest", "BatchLoader",
-    "build_loader", "choose_backend", "backends", "read_split", "check_shard", "read_index",
+    "build_loader", "make_request", "choose_backend", "backends", "read_split", "check_shard", "read_index",
     "rank_range", "train_steps_per_epoch", "ANTIALIAS_ABOVE",
 ]
 
@@ -441,7 +441,22 @@ def build_loader(cfg, split: str, rank: int, world_size: int, train: Optional[bo
     Returns:
         an iterable of :class:`~pipeline.batch.Batch` (uint8 NCHW images) with ``num_samples``,
         ``num_batches``, ``total_samples``, ``backend`` and ``set_epoch(epoch)``.
+    Raises:
+        ValueError for inconsistent settings, FileNotFoundError for a missing split,
+        :class:`ShardError` (or :class:`pipeline.shards.ShardingError` from the manifest check)
+        naming the file for a missing, truncated or stale shard or index.
     """
+    name, reason = choose_backend(backend or cfg.data.backend, cfg.data.on_corrupt)
+    if rank == 0:
+        _log_once(f"input backend {name} ({reason})")
+    request = make_request(cfg, split, rank, world_size, train, with_boxes=with_boxes, local_rank=local_rank)
+    return backends()[name](request)
+
+
+def make_request(cfg, split: str, rank: int, world_size: int, train: Optional[bool] = None, *,
+                 with_boxes: Optional[bool] = None, local_rank: Optional[int] = None) -> LoaderRequest:
+    """Validate the settings, read the split's manifest, check every shard, and resolve a :class:`LoaderRequest`
+    (arguments as :func:`build_loader`)."""
     data = cfg.data
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -458,10 +473,6 @@ def build_loader(cfg, split: str, rank: int, world_size: int, train: Optional[bo
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"data.crop_scale={list(data.crop_scale)} must be [low, high] with 0 < low <= high <= 1")
 
-    name, reason = choose_backend(backend or data.backend, data.on_corrupt)
-    if rank == 0:
-        _log_once(f"input backend {name} ({reason})")
-
     info = read_split(data.root, split)
     for shard in info.shards:
         check_shard(shard)
@@ -469,11 +480,10 @@ def build_loader(cfg, split: str, rank: int, world_size: int, train: Optional[bo
     if train and train_steps_per_epoch(info.total, world_size, batch_size) == 0:
         raise ValueError(f"split {split!r} has {info.total} samples: fewer than world size {world_size} x batch "
                          f"{batch_size}, so a training epoch would have no full batch")
-    request = LoaderRequest(
+    return LoaderRequest(
         split=info, rank=rank, world_size=world_size,
         local_rank=_local_rank(rank) if local_rank is None else local_rank,
         train=train, with_boxes=with_boxes, batch_size=batch_size, image_size=data.image_size,
         num_workers=max(0, data.num_workers), random_flip=bool(data.random_flip) and train,
         random_resized_crop=bool(data.random_resized_crop) and train, crop_scale=scale,
         shuffle_buffer=max(1, data.shuffle_buffer), on_corrupt=data.on_corrupt, seed=int(cfg.train.seed))
-    return backends()[name](request)

@@ -4,7 +4,8 @@ Per sample: the member bytes are read with one ``pread`` at the offsets the shar
 (the same index DALI uses), the JPEG is decoded by libjpeg-turbo (``simplejpeg``), resized by
 OpenCV straight into a shared uint8 batch, optionally mirrored; the worker sends whole uint8
 batches (never float32) through the DataLoader's shared memory. Each worker process uses one
-thread (``cv2.setNumThreads(1)``, ``torch.set_num_threads(1)``).
+thread (``cv2.setNumThreads(1)``, ``torch.set_num_threads(1)``); workers start from a fork server
+(:func:`worker_context`), never by forking the training process.
 
 Why the index and not ``tarfile``: on ILSVRC-sized JPEGs Python's ``tarfile`` parsing (as in
 ``webdataset.tar_file_iterator``) cost ~370 us per 7-member sample here, more than half the
@@ -165,6 +166,26 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+_WORKER_CONTEXT = None
+
+
+def worker_context():
+    """The multiprocessing context of the decode workers: ``forkserver`` with this module preloaded.
+
+    Not ``fork``: a process forked from a parent that has run OpenCV's thread pool (any ``cv2``
+    resize or encode in the training process, e.g. a picture of boxes) inherits that pool's locks
+    mid-use and hangs in its first ``cv2`` call (seen here in ``cv2.setNumThreads``). The fork
+    server is a clean process that imports torch, OpenCV and this module once; workers fork from it
+    in milliseconds.
+    """
+    global _WORKER_CONTEXT
+    if _WORKER_CONTEXT is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        _WORKER_CONTEXT = context
+    return _WORKER_CONTEXT
+
+
 class ShardRangeDataset(IterableDataset):
     """Yields :class:`~pipeline.batch.Batch` objects for one rank (see the module docstring)."""
 
@@ -234,15 +255,17 @@ class ShardRangeDataset(IterableDataset):
                     yield RawSample(shard.tar, entry.key, data, members)
 
     # -- decoding into a batch ---------------------------------------------
-    def _count_skip(self, raw: RawSample, exc: Exception) -> None:
+    def _count_skip(self, raw: RawSample, exc: Exception, bad: set) -> None:
+        bad.add((raw.shard, raw.key))
         if self._skipped is not None:
             with self._skipped.get_lock():
                 self._skipped.value += 1
         log.warning("skipping corrupt sample %r in shard %s: %s", raw.key, raw.shard, exc)
 
-    def _batches(self, source: Iterator[RawSample], rng: np.random.Generator, limit: Optional[int]
-                 ) -> Iterator[Batch]:
-        """Decode ``source`` into batches; at most ``limit`` full batches (training) or all (evaluation)."""
+    def _batches(self, source: Iterator[RawSample], rng: np.random.Generator, limit: Optional[int],
+                 bad: set) -> Iterator[Batch]:
+        """Decode ``source`` into batches; at most ``limit`` full batches (training) or all (evaluation).
+        Skipped samples are added to ``bad`` as ``(shard, key)``."""
         size, bsz = self.size, self.batch_size
         done = 0
         while limit is None or done < limit:
@@ -263,7 +286,7 @@ class ShardRangeDataset(IterableDataset):
                     if self.on_corrupt != "skip":
                         raise CorruptSampleError(f"shard {raw.shard}: sample {raw.key!r} cannot be decoded: "
                                                  f"{exc}") from None
-                    self._count_skip(raw, exc)
+                    self._count_skip(raw, exc, bad)
                     continue
                 labels[n], indices[n], sizes[n], flipped[n] = label, index, (width, height), flip
                 if self.with_boxes:
@@ -305,20 +328,26 @@ class ShardRangeDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])  # crops and flips
         shuffle_rng = random.Random(int(rng.integers(2 ** 63)))  # webdataset's shuffle wants random.Random
         if not self.train:
-            yield from self._batches(self._read(slices), rng, None)
+            yield from self._batches(self._read(slices), rng, None, set())
             return
         quota = (stop - start) // self.batch_size
-        produced = 0
-        while produced < quota:  # one pass normally; more only after skipped samples
-            source = iter(wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
-                                              rng=shuffle_rng)(self._read(slices)))
-            before = produced
-            for batch in self._batches(source, rng, quota - produced):
-                produced += 1
-                yield batch
-            if produced == before:
-                raise CorruptSampleError(f"rank {self.rank} worker {worker}: no decodable batch in its "
-                                         f"{stop - start} samples of shards {sorted({self.shards[s].tar for s, _, _ in slices})}")
+        bad: set = set()
+
+        def passes() -> Iterator[RawSample]:
+            """The stretch, shuffled; again (without known-bad samples) only while skips left a gap."""
+            while True:
+                good = (raw for raw in self._read(slices) if (raw.shard, raw.key) not in bad)
+                count = 0
+                for raw in wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
+                                               rng=shuffle_rng)(good):
+                    count += 1
+                    yield raw
+                if count == 0:
+                    names = sorted({self.shards[s].tar for s, _, _ in slices})
+                    raise CorruptSampleError(f"rank {self.rank} worker {worker}: none of its {stop - start} "
+                                             f"samples in {names} can be decoded")
+
+        yield from self._batches(passes(), rng, quota, bad)
 
 
 class TorchLoader:
@@ -331,7 +360,7 @@ class TorchLoader:
     backend = "torch"
 
     def __init__(self, request: LoaderRequest):
-        self._skipped = multiprocessing.Value("q", 0)
+        self._skipped = worker_context().Value("q", 0)
         self.dataset = ShardRangeDataset(request, self._skipped)
         self.num_workers = request.num_workers
         self.train = request.train
@@ -356,6 +385,7 @@ class TorchLoader:
         workers = min(self.num_workers, self.num_batches)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
                             worker_init_fn=_one_thread if workers else None,
+                            multiprocessing_context=worker_context() if workers else None,
                             prefetch_factor=2 if workers else None)
         yield from loader
 
