@@ -28,7 +28,8 @@ import torch
 
 from cstn import checkpoint, dist
 from cstn.config import ConfigError, add_config_args, flatten, load_config, save_config, to_dict
-from cstn.engine import Progress, all_finite, deepspeed_config, resolve_precision, skip_batches, summarize
+from cstn.engine import (Progress, all_finite, deepspeed_config, resolve_precision, skip_batches, summarize,
+                         sync_buffers)
 
 
 def parse_args(argv=None):
@@ -180,6 +181,7 @@ def main(argv=None) -> int:
                 continue
             micro = 0
             step += 1
+            sync_buffers(engine.module)  # one set of BatchNorm statistics on every rank
             progress.step_done(len(batch), {k: float(v.detach()) for k, v in losses.items()})
             if main_rank and (step % cfg.train.log_every_steps == 0 or step == total_steps):
                 lr = scheduler.get_last_lr()[0]
