@@ -510,6 +510,18 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (command line wins)")
 
 
+def config_from_args(args: argparse.Namespace) -> Config | None:
+    """The config named by a script's ``--config`` and overrides (see :func:`add_config_args`).
+
+    On a :class:`ConfigError` the message goes to stderr and None comes back: the script exits 2.
+    """
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cstn.config", description=__doc__.splitlines()[0])
     add_config_args(parser)
@@ -517,10 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--describe", action="store_true",
                         help="print the resolved config as YAML with every key's docstring as a comment")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     if args.describe:
         sys.stdout.write(commented_yaml(cfg))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cstn import checkpoint, dist
-from cstn.config import ConfigError, add_config_args, flatten, load_config, to_dict
+from cstn.config import add_config_args, config_from_args, flatten, to_dict
 
 
 def split_box_count(cfg, split: str) -> int:
@@ -43,10 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = p.parse_intermixed_args(argv)
     dist.prefix_output_with_rank()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     split = args.split or cfg.data.eval_split
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cstn import checkpoint
-from cstn.config import ConfigError, add_config_args, load_config
+from cstn.config import add_config_args, config_from_args
 from pipeline.schema import boxes_to_original
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -59,10 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--viz", action="store_true", help="also draw the boxes on each image")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     from cstn.boxes import predict
     from cstn.evaluation import normalised_class_maps

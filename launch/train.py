@@ -21,13 +21,12 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from cstn import checkpoint, dist
-from cstn.config import ConfigError, add_config_args, flatten, load_config, save_config, to_dict
+from cstn.config import add_config_args, config_from_args, flatten, save_config, to_dict
 from cstn.engine import (Progress, all_finite, deepspeed_config, resolve_precision, skip_batches, summarize,
                          sync_buffers)
 
@@ -63,10 +62,8 @@ class Preemption:
 def main(argv=None) -> int:
     args = parse_args(argv)
     dist.prefix_output_with_rank()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     if args.dry_run:
         cfg.train.max_steps = 2
