@@ -30,7 +30,8 @@ into contiguous per-worker ranges, so every worker reads whole, sequential stret
 * Training: per epoch the shard ORDER is permuted with ``(seed, epoch)`` (identical on all ranks),
   every rank takes the first ``steps * batch_size`` samples of its range in that order (``steps =
   (N // W) // B``, the same for all ranks), and each worker shuffles its stretch through a
-  ``data.shuffle_buffer`` buffer seeded by ``(seed, epoch, rank, worker)``. Shards are pre-shuffled
+  ``data.shuffle_buffer`` buffer seeded by ``(seed, epoch, rank, worker)`` (the first batch leaves
+  once ``max(100, 4 x batch)`` samples are in; the buffer keeps filling up to its size). Shards are pre-shuffled
   at conversion, so contiguous stretches of a permuted shard order are random subsets; the few
   samples at the end of a rank's range that do not fill a batch change from epoch to epoch.
   :meth:`TorchLoader.set_epoch` must be called per epoch (as with ``DistributedSampler``).
@@ -189,7 +190,7 @@ def worker_context():
 class ShardRangeDataset(IterableDataset):
     """Yields :class:`~pipeline.batch.Batch` objects for one rank (see the module docstring)."""
 
-    def __init__(self, request: LoaderRequest, skipped=None):
+    def __init__(self, request: LoaderRequest, skipped=None, epoch=None):
         self.shards = tuple(_Shard(str(s.tar), str(s.index), s.count) for s in request.split.shards)
         self.total = request.split.total
         self.rank, self.world_size = request.rank, request.world_size
@@ -199,8 +200,9 @@ class ShardRangeDataset(IterableDataset):
         self.crop_scale = request.crop_scale
         self.shuffle_buffer = request.shuffle_buffer
         self.on_corrupt, self.seed = request.on_corrupt, request.seed
-        self.epoch = 0
         self._skipped = skipped  # multiprocessing.Value shared with the workers, or None
+        self._epoch = epoch  # multiprocessing.Value read by persistent workers at each pass, or None
+        self._local_epoch = 0
         start, stop = request.rank_range
         if self.train:
             self.num_batches = train_steps_per_epoch(self.total, self.world_size, self.batch_size)
@@ -212,6 +214,17 @@ class ShardRangeDataset(IterableDataset):
     @property
     def num_samples(self) -> int:
         return self.stop - self.start
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value) if self._epoch is not None else self._local_epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        if self._epoch is not None:
+            self._epoch.value = int(value)
+        else:
+            self._local_epoch = int(value)
 
     # -- which bytes this worker reads ---------------------------------------
     def shard_order(self, epoch: int) -> list[int]:
@@ -332,14 +345,14 @@ class ShardRangeDataset(IterableDataset):
             return
         quota = (stop - start) // self.batch_size
         bad: set = set()
+        initial = min(self.shuffle_buffer, max(100, 4 * self.batch_size))  # first batch soon, buffer fills on
 
         def passes() -> Iterator[RawSample]:
             """The stretch, shuffled; again (without known-bad samples) only while skips left a gap."""
             while True:
                 good = (raw for raw in self._read(slices) if (raw.shard, raw.key) not in bad)
                 count = 0
-                for raw in wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
-                                               rng=shuffle_rng)(good):
+                for raw in wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=initial, rng=shuffle_rng)(good):
                     count += 1
                     yield raw
                 if count == 0:
@@ -360,8 +373,10 @@ class TorchLoader:
     backend = "torch"
 
     def __init__(self, request: LoaderRequest):
-        self._skipped = worker_context().Value("q", 0)
-        self.dataset = ShardRangeDataset(request, self._skipped)
+        context = worker_context()
+        self._skipped = context.Value("q", 0)
+        self.dataset = ShardRangeDataset(request, self._skipped, context.Value("q", 0))
+        self._loader: Optional[DataLoader] = None
         self.num_workers = request.num_workers
         self.train = request.train
         self.batch_size = request.batch_size
@@ -382,12 +397,13 @@ class TorchLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        workers = min(self.num_workers, self.num_batches)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                            worker_init_fn=_one_thread if workers else None,
-                            multiprocessing_context=worker_context() if workers else None,
-                            prefetch_factor=2 if workers else None)
-        yield from loader
+        if self._loader is None:  # workers start on the first pass and stay for the loader's lifetime
+            workers = min(self.num_workers, self.num_batches)
+            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                                      worker_init_fn=_one_thread if workers else None,
+                                      multiprocessing_context=worker_context() if workers else None,
+                                      persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+        yield from self._loader
 
 
 def make_torch_loader(request: LoaderRequest) -> TorchLoader:
