@@ -3,27 +3,49 @@
 Output, under ``out_dir/<split>/``::
 
     <split>-000000.tar, <split>-000001.tar, ...   samples as in :mod:`pipeline.schema`
-    <split>-000000.idx, ...                       DALI index (written by DALI's ``wds2idx``)
+    <split>-000000.idx, ...                       DALI index (the format of DALI's ``wds2idx``)
     manifest.json                                 see "Manifest" below
 
-Order and indices
+Order, indices and shard boundaries
     Training splits are shuffled across all shards by a permutation drawn from ``seed``
     (``numpy.random.default_rng(seed).permutation``); DALI and webdataset only shuffle inside a
     small buffer. Validation and test splits keep source order. A sample's global ``index`` (the
     ``gid`` member and ``json["index"]``) is its 0-based position among the written samples of
-    the split, so it is stable for a given source, seed and options.
+    the split, so it is stable for a given source, seed and options. A shard is full at
+    ``samples_per_shard`` samples, or once its images (``jpg`` members) reach ``shard_size_mb``
+    (the other members add a few hundred bytes a sample); skipped inputs that follow a full shard
+    are listed with it, and the next usable input opens the next shard.
 
 Images
-    Every input is checked in worker processes. A JPEG whose header reads and whose whole entropy
-    stream decodes without a libjpeg warning (a strict, DCT-scaled 1/8 decode: cheap but complete)
-    and which is baseline/extended/progressive YCbCr is stored byte for byte. Grey, CMYK/YCCK and
-    other colour spaces, other JPEG frame types (arithmetic, lossless) and non-JPEG data under an
-    image name (PNG, GIF, BMP, TIFF, WebP: ILSVRC holds a few) are decoded with OpenCV (EXIF
-    orientation ignored, so sizes and boxes keep referring to the stored pixels) and re-encoded as
-    RGB JPEG (``reencode_quality``), counted per kind. Unreadable, corrupt or truncated files, and
-    files missing on disk, are skipped and listed with the reason; ``strict`` turns the first such
-    file into an error. An image whose size differs from the size its annotation states is skipped
-    too (its boxes would not fit).
+    Every input is read once and checked (:func:`~pipeline.shard_worker.normalize_image`).
+    ``verify="structure"`` (default) walks the JPEG's whole marker structure without decoding
+    (:func:`pipeline.jpeg_check.parse_jpeg`: segment lengths, frame and scan headers, quantisation
+    tables, every marker inside the entropy-coded data, end-of-image marker; about 0.1 ms an
+    ILSVRC image): it rejects truncated files and data overwritten with anything that breaks the
+    marker structure, which random bytes do with near certainty. ``verify="decode"`` also decodes
+    every image completely with libjpeg in strict mode (about 1 ms an image), which also rejects
+    damaged Huffman data whose markers are intact (libjpeg itself only warns about those and
+    returns an image with grey or smeared blocks). A baseline/extended/progressive 8-bit YCbCr JPEG
+    that passes is stored byte for byte, with width and height from its frame header. Grey,
+    CMYK/YCCK and other colour spaces, other JPEG frame types (arithmetic, lossless, 12-bit) and
+    non-JPEG data under an image name (PNG, GIF, BMP, TIFF, WebP: ILSVRC holds a few) are decoded
+    with OpenCV (EXIF orientation ignored, so sizes and boxes keep referring to the stored pixels)
+    and re-encoded as RGB JPEG (``reencode_quality``), counted per kind. Unreadable, corrupt or
+    truncated files, and files missing on disk, are skipped and listed with the reason; ``strict``
+    turns the first such file into an error. An image whose size differs from the size its
+    annotation states is skipped too (its boxes would not fit).
+
+Parallel writing
+    Each shard is produced by one worker process in one pass (:func:`~pipeline.shard_worker.write_shard`:
+    read, check, write tar members, sha256 and DALI index as it goes; :mod:`pipeline.tarshard`), so
+    the calling process ships no image bytes. Where a shard starts, and its first ``index``, depend
+    on every input before it, so ``workers + 1`` shards are started ahead on a guess: every file
+    on disk is a clean JPEG of its listed size (missing and empty files are counted as skipped). The
+    calling process commits shards in order; a shard whose real start differs from the guess (an
+    earlier input was skipped, or re-encoded to another size under ``shard_size_mb``) is dropped and
+    redone from the right place, with everything started after it (``ConversionResult.redone``).
+    The output is therefore the same bytes whatever the number of workers; bad inputs only cost
+    some rewriting. Workers are forked when the calling process has a single thread, else spawned.
 
 Boxes
     Clipped to ``[0, width] x [0, height]`` (counted as ``boxes_clipped`` when a coordinate moved);
@@ -31,11 +53,11 @@ Boxes
     counted as ``boxes_dropped``.
 
 Crash safety and resume
-    A shard is written as ``<name>.tar.tmp``, indexed into ``<name>.idx.tmp``, and both are renamed
-    when complete; ``manifest.json`` is rewritten after every shard with ``"complete": false`` and
+    A shard is written as ``<name>.tar.tmp`` with its index ``<name>.idx.tmp``, and both are renamed
+    when complete and every shard before it is; ``manifest.json`` is rewritten after every shard with ``"complete": false`` and
     gets ``"complete": true`` at the end. A rerun with the same source fingerprint and content
     options keeps every listed shard whose size and sha256 match, rebuilds a missing or mismatching
-    index, rewrites the other listed shards from their recorded input range (the output is
+    index (with DALI's ``wds2idx``), rewrites the other listed shards from their recorded input range (the output is
     byte-identical: tar members carry fixed mtimes and owners), and continues after the last listed
     shard. With a different source or different options everything is rewritten. Stale shards and
     temporary files of the split are removed at the end.
@@ -66,33 +88,23 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from . import schema
-from .sources.base import SourceError, SourceItem, SourceListing
+from .shard_worker import (VERIFY_MODES, BadImage, Checked, FileCheck, InputRef, ShardingError, ShardJob, accept,
+                           check_file, check_item, clip_boxes, normalize_image, write_shard)
+from .sources.base import SourceError, SourceListing
 
 __all__ = ["FORMAT", "ShardOptions", "ShardingError", "ConversionResult", "ShardManifest", "BadImage",
            "normalize_image", "clip_boxes", "check_item", "list_source", "convert", "write_dali_index",
-           "load_manifest", "sha256_file", "DEFAULT_SHARD_SIZE_MB"]
+           "load_manifest", "sha256_file", "DEFAULT_SHARD_SIZE_MB", "VERIFY_MODES", "Checked",
+           "FileCheck", "accept", "check_file"]
 
 #: layout version of shards + manifest written by this module (bumped when their bytes change)
 FORMAT = "cstn-wds-1"
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_SIZE_MB = 256.0
-#: JPEG frame types stored as they are: SOF0 baseline, SOF1 extended sequential, SOF2 progressive
-_PLAIN_FRAMES = (0xC0, 0xC1, 0xC2)
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"), (b"BM", "bmp"),
-               (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
-
-
-class ShardingError(RuntimeError):
-    """The conversion cannot go on; the message names the file, shard or manifest at fault."""
-
-
-class BadImage(ValueError):
-    """An input that cannot become a sample (corrupt, truncated, not an image)."""
 
 
 @dataclass
@@ -102,17 +114,21 @@ class ShardOptions:
     samples_per_shard: int | None = None
     """Samples per shard (the last one may hold fewer)."""
     shard_size_mb: float | None = None
-    """Close a shard once its payload reaches this many MB (10^6 bytes)."""
+    """Close a shard once its images reach this many MB (10^6 bytes)."""
     seed: int = 0
     """Seed of the training-split permutation."""
     workers: int = 2
-    """Processes checking / re-encoding images (0: in the calling process)."""
+    """Processes checking images and writing shards (0: all in the calling process)."""
     strict: bool = False
     """Fail on the first input that would be skipped."""
     reencode_quality: int = 95
     """JPEG quality of re-encoded images."""
     progress: bool = True
     """Show a tqdm bar (images/s, MB/s) on stderr."""
+    verify: str = "structure"
+    """How JPEG inputs are checked: ``structure`` (markers, frame header, scans and end marker, no
+    decoding) or ``decode`` (also a full strict libjpeg decode, some 20x slower; catches damaged
+    entropy-coded data whose markers are intact)."""
 
     def __post_init__(self):
         if self.samples_per_shard is not None and self.shard_size_mb is not None:
@@ -127,185 +143,82 @@ class ShardOptions:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 1 <= self.reencode_quality <= 100:
             raise ValueError(f"reencode_quality must be in 1..100, got {self.reencode_quality}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
 
     def content(self) -> dict[str, Any]:
         """The options that decide the bytes of the shards (compared on resume)."""
         return {"samples_per_shard": self.samples_per_shard, "shard_size_mb": self.shard_size_mb,
-                "seed": self.seed, "reencode_quality": self.reencode_quality}
+                "seed": self.seed, "reencode_quality": self.reencode_quality, "verify": self.verify}
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-image work (runs in worker processes)
+# Worker processes
 # ---------------------------------------------------------------------------------------------
 
-def _jpeg_frame_marker(data: bytes) -> int | None:
-    """The SOFn marker byte of a JPEG stream (0xC0 baseline, 0xC2 progressive, ...), None if absent."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
-        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
-
-
-def _reencode(data: bytes, quality: int, kind: str) -> tuple[bytes, int, int, str]:
-    import cv2
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise BadImage(f"{kind} data that OpenCV cannot decode")
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise BadImage(f"re-encoding {kind} data as JPEG failed")
-    return buf.tobytes(), int(img.shape[1]), int(img.shape[0]), kind
-
-
-def normalize_image(data: bytes, quality: int = 95) -> tuple[bytes, int, int, str | None]:
-    """Check one image file's bytes and return ``(jpeg_bytes, width, height, reencoded_kind)``.
-
-    ``reencoded_kind`` is None when the bytes are stored as they are, else one of ``grey``, ``cmyk``,
-    ``colorspace_<name>``, ``jpeg_sof<hex>``, ``png``, ``gif``, ``bmp``, ``tiff``, ``webp``.
-    Raises :class:`BadImage` with the reason for anything that cannot be stored.
-    """
-    import simplejpeg
-    if data[:3] == b"\xff\xd8\xff":
-        try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError as e:
-            raise BadImage(f"unreadable JPEG header ({e})") from None
-        decode_as = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}.get(colorspace, "RGB")
-        try:  # strict: any libjpeg warning (premature end, corrupt data) is an error
-            simplejpeg.decode_jpeg(data, colorspace=decode_as, min_height=1, min_width=1, strict=True)
-        except ValueError as e:
-            raise BadImage(f"corrupt or truncated JPEG ({e})") from None
-        frame = _jpeg_frame_marker(data)
-        if colorspace == "Gray":
-            kind = "grey"
-        elif colorspace in ("CMYK", "YCCK"):
-            kind = "cmyk"
-        elif colorspace != "YCbCr":
-            kind = f"colorspace_{colorspace.lower()}"
-        elif frame not in _PLAIN_FRAMES:
-            kind = f"jpeg_sof{frame:x}" if frame is not None else "jpeg_without_frame_header"
-        else:
-            return data, int(width), int(height), None
-        return _reencode(data, quality, kind)
-    for signature, kind in _SIGNATURES:
-        if data.startswith(signature):
-            return _reencode(data, quality, kind)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return _reencode(data, quality, "webp")
-    raise BadImage("not an image (no JPEG, PNG, GIF, BMP, TIFF or WebP signature)" if data else "empty file")
-
-
-def clip_boxes(boxes: np.ndarray | Sequence, width: int, height: int) -> tuple[np.ndarray, int, int]:
-    """Clip ``xyxy`` boxes to the image and drop those left without area.
-
-    Args:
-        boxes: (n, 4) ``xyxy`` original pixels.
-        width, height: image size in pixels.
-    Returns ``(kept (m, 4) float32, n_clipped, n_dropped)``: ``n_clipped`` counts kept boxes that moved,
-    ``n_dropped`` the boxes with x1 <= x0 or y1 <= y0 after clipping (or a NaN).
-    """
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    c = b.copy()
-    c[:, 0::2] = np.clip(c[:, 0::2], 0, width)
-    c[:, 1::2] = np.clip(c[:, 1::2], 0, height)
-    valid = (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
-    moved = np.any(c != b, axis=1)
-    return c[valid].astype(np.float32), int((moved & valid).sum()), int((~valid).sum())
-
-
-@dataclass
-class Checked:
-    """Result of :func:`check_item`: either a sample (``jpeg`` set) or a skip (``reason`` set)."""
-
-    jpeg: bytes | None = None
-    width: int = 0
-    height: int = 0
-    boxes: np.ndarray | None = None
-    reencoded: str | None = None
-    boxes_clipped: int = 0
-    boxes_dropped: int = 0
-    reason: str | None = None
-    input_bytes: int = 0
-
-
-def check_item(item: SourceItem, quality: int = 95) -> Checked:
-    """Read, check and (if needed) re-encode one input; clip its boxes. Never raises for bad input."""
+def _single_threaded() -> bool:
+    """True when this process runs one OS thread (Linux), i.e. ``fork`` cannot copy a lock held elsewhere."""
     try:
-        with open(item.path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return Checked(reason="file not found")
-    except OSError as e:
-        return Checked(reason=f"unreadable file ({e.strerror or e})")
-    try:
-        jpeg, width, height, kind = normalize_image(data, quality)
-    except BadImage as e:
-        return Checked(reason=str(e), input_bytes=len(data))
-    if item.size is not None and tuple(item.size) != (width, height):
-        return Checked(reason=f"the annotation says {item.size[0]}x{item.size[1]} but the image is "
-                              f"{width}x{height}", input_bytes=len(data))
-    boxes, clipped, dropped = clip_boxes(item.boxes, width, height)
-    return Checked(jpeg=jpeg, width=width, height=height, boxes=boxes, reencoded=kind, boxes_clipped=clipped,
-                   boxes_dropped=dropped, input_bytes=len(data))
+        return "fork" in mp.get_all_start_methods() and len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
-def _check_chunk(items: list[SourceItem], quality: int) -> list[Checked]:
-    return [check_item(it, quality) for it in items]
+class _Finished:
+    """A result computed on the spot, with the part of the ``Future`` interface the converter uses."""
+
+    def __init__(self, fn, *args):
+        self._value = fn(*args)
+
+    def result(self):
+        return self._value
+
+    def cancel(self) -> bool:
+        return False
 
 
-def _worker_init() -> None:
-    import cv2
-    cv2.setNumThreads(1)
+class _Workers:
+    """Runs :func:`~pipeline.shard_worker.write_shard` in worker processes (or inline with ``workers=0``).
 
-
-class _Checker:
-    """Ordered, bounded-memory map of :func:`check_item` over worker processes (or inline).
-
-    Workers are started with ``spawn`` (no state inherited from a parent that may run DALI or torch
-    threads); at most ``4 * workers`` chunks are in flight, so memory stays flat on any dataset size.
+    The processes are started at once, so that they come up while the caller fingerprints the
+    source: forked when the calling process has a single OS thread (``/proc/self/task``: cheap, and
+    safe since no other thread can hold a lock), else started with ``spawn`` (nothing inherited from a
+    process that may run DALI, torch or tqdm threads).
     """
 
-    def __init__(self, workers: int, quality: int, chunk: int = 32):
-        self.quality, self.chunk = quality, chunk
-        self.max_pending = 4 * max(1, workers)
+    def __init__(self, workers: int):
         self.pool = None
+        self.start_method = None
         if workers:
             from concurrent.futures import ProcessPoolExecutor
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+            self.start_method = "fork" if _single_threaded() else "spawn"
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(self.start_method))
+            for _ in range(workers):  # start them now (spawn starts one process per submitted task)
+                self.pool.submit(os.getpid)
 
-    def map(self, items: Sequence[SourceItem]) -> Iterator[Checked]:
+    def submit(self, job: ShardJob):
+        """Start writing ``job``; ``.result()`` of the returned future is that of ``write_shard``."""
         if self.pool is None:
-            for it in items:
-                yield check_item(it, self.quality)
-            return
+            return _Finished(write_shard, job)
+        return self.pool.submit(write_shard, job)
+
+    def result(self, future) -> dict[str, Any]:
         from concurrent.futures.process import BrokenProcessPool
-        pending: deque = deque()
         try:
-            for start in range(0, len(items), self.chunk):
-                pending.append(self.pool.submit(_check_chunk, list(items[start:start + self.chunk]), self.quality))
-                if len(pending) >= self.max_pending:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
+            return future.result()
         except BrokenProcessPool as e:
-            raise ShardingError(f"an image-checking worker process died ({e}); rerun with --workers 0 to "
-                                f"check images in the main process") from e
-        finally:
-            for f in pending:
-                f.cancel()
+            raise ShardingError(f"a worker process died ({e}); rerun with --workers 0 to write the shards in "
+                                f"the main process") from e
+
+    def discard(self, job: ShardJob, future) -> None:
+        """Drop a job started on a wrong guess: cancel or wait for it, then delete what it wrote."""
+        if not future.cancel():
+            try:
+                future.result()
+            except Exception:  # its error does not count: the shard is redone from the right place
+                pass
+        for p in (job.tar_tmp, job.idx_tmp):
+            p.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -327,7 +240,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
-    """Write the DALI index of ``tar_path`` with the ``wds2idx`` tool shipped in nvidia-dali."""
+    """Write the DALI index of ``tar_path`` with the ``wds2idx`` tool shipped in nvidia-dali (used to rebuild
+    a lost index; new shards get theirs from :class:`~pipeline.tarshard.ShardTarWriter`)."""
     try:
         from wds2idx import IndexCreator  # the module behind DALI's ``wds2idx`` command
     except ImportError:
@@ -342,22 +256,10 @@ def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
         creator.create_index()
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
-
-
-class _HashingFile:
-    """Write-through file wrapper computing sha256 and size of what passes (the tar stream)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +284,8 @@ def list_source(dataset: str, root: str | Path, split: str, annotations: str | P
 class ConversionResult:
     """What :func:`convert` did: the final manifest, the split directory, the shard names written,
     kept (checksum matched) and re-indexed in this run, wall seconds (all, and of the shard-writing
-    loop alone, i.e. without start-up, listing checks and clean-up) and input bytes read."""
+    loop alone, i.e. without start-up, listing checks and clean-up), input bytes read, and the shards
+    started on a guess that proved wrong and were redone (``redone``; see "Parallel writing")."""
 
     manifest: dict[str, Any]
     split_dir: Path
@@ -392,27 +295,7 @@ class ConversionResult:
     seconds: float = 0.0
     write_seconds: float = 0.0
     input_bytes: int = 0
-
-
-class _Stream:
-    """Checked inputs of ``ordered[start:stop]`` in order, with one-item look-ahead."""
-
-    def __init__(self, checker: _Checker, ordered: list[SourceItem], start: int, stop: int):
-        self.pos, self.ordered = start, ordered
-        self._results = checker.map(ordered[start:stop])
-        self._head: Checked | None = None
-
-    def peek(self) -> Checked | None:
-        if self._head is None:
-            self._head = next(self._results, None)
-        return self._head
-
-    def pop(self) -> tuple[int, SourceItem, Checked]:
-        head = self.peek()
-        assert head is not None
-        self._head = None
-        self.pos += 1
-        return self.pos - 1, self.ordered[self.pos - 1], head
+    redone: int = 0
 
 
 def _package_version() -> str:
@@ -424,9 +307,20 @@ def _package_version() -> str:
 
 
 def _library_versions() -> dict[str, str]:
-    import cv2
-    import simplejpeg
-    return {"opencv": cv2.__version__, "simplejpeg": simplejpeg.__version__, "numpy": np.__version__}
+    """Versions of the libraries that decide the bytes of re-encoded images (looked up without importing them)."""
+    from importlib import metadata
+    versions = {"numpy": np.__version__}
+    for name, distributions in (("opencv", ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                                            "opencv-contrib-python")), ("simplejpeg", ("simplejpeg",))):
+        for dist in distributions:
+            try:
+                versions[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            versions[name] = "not installed"
+    return versions
 
 
 class _Converter:
@@ -444,8 +338,9 @@ class _Converter:
         self.result = ConversionResult(manifest={}, split_dir=self.dir)
         self.records: list[dict[str, Any]] = []
         self.bar = None
-        self._last_postfix = 0.0
         self._t0 = time.time()
+        self._versions: dict[str, Any] = {}
+        self._classes = [{"index": c.index, "id": c.id, "name": c.name} for c in listing.classes]
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -482,6 +377,8 @@ class _Converter:
             **{k: sum(r[k] for r in self.records)
                for k in ("boxes", "boxes_clipped", "boxes_dropped", "images_all_boxes_dropped", "input_bytes")},
         }
+        if not self._versions:
+            self._versions = {"version": _package_version(), "libraries": _library_versions()}
         return {
             "format": FORMAT,
             "complete": complete,
@@ -490,32 +387,30 @@ class _Converter:
             "total": total,
             "num_shards": len(self.records),
             "shards": self.records,
-            "classes": [asdict(c) for c in self.listing.classes],
+            "classes": self._classes,
             "skipped": skipped,
             "counts": counts,
             "source": {"root": str(self.listing.root), "fingerprint": self.fingerprint,
                        "num_inputs": counts["inputs"]},
-            "converter": {"module": __name__, "version": _package_version(), "format": FORMAT,
+            "converter": {"module": __name__, "version": self._versions["version"], "format": FORMAT,
                           "options": asdict(self.options), "content_options": self.options.content(),
-                          "libraries": _library_versions()},
+                          "libraries": self._versions["libraries"]},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
     def save(self, complete: bool) -> dict[str, Any]:
+        """Write the manifest; an incomplete one (rewritten after every shard) without indentation, which
+        makes json several times slower."""
         manifest = self.manifest(complete)
-        _write_json(self.manifest_path, manifest)
+        _write_json(self.manifest_path, manifest, indent=1 if complete else None)
         return manifest
 
-    def tick(self, checked: Checked) -> None:
-        self.result.input_bytes += checked.input_bytes
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        now = time.time()
-        if now - self._last_postfix > 0.5:
-            self._last_postfix = now
-            rate = self.result.input_bytes / 1e6 / max(now - self._t0, 1e-9)
+    def progress(self, inputs: int, input_bytes: int) -> None:
+        self.result.input_bytes += input_bytes
+        if self.bar is not None:
+            rate = self.result.input_bytes / 1e6 / max(time.time() - self._t0, 1e-9)
             self.bar.set_postfix_str(f"{rate:.1f} MB/s", refresh=False)
+            self.bar.update(inputs)
 
     # -- verification of an earlier run's shard --------------------------------------------------
 
@@ -535,79 +430,60 @@ class _Converter:
             self.result.reindexed.append(record["name"])
         return True
 
-    # -- writing ---------------------------------------------------------------------------------
+    # -- planning, writing, committing -----------------------------------------------------------
 
-    def write_shard(self, stream: _Stream, number: int, first_index: int, bounded: bool) -> dict[str, Any]:
-        """Write the next shard from ``stream``. ``bounded``: take every input the stream holds (a redo
-        of a recorded range); else stop before the first sample that does not fit."""
-        import webdataset as wds
+    def guess(self, start: int) -> tuple[int, int]:
+        """``(end, count)`` of the shard starting at input ``start`` if every file on disk holds a clean JPEG
+        of its listed size (missing and empty files are skipped for certain)."""
+        opts, ordered, n = self.options, self.ordered, len(self.ordered)
+        limit = opts.shard_size_mb * 1e6 if opts.shard_size_mb is not None else None
+        count, image_bytes, i = 0, 0, start
+        while i < n:
+            size = ordered[i].file_size
+            if size:
+                if (count >= opts.samples_per_shard) if limit is None else (image_bytes >= limit):
+                    break
+                count += 1
+                image_bytes += size
+            i += 1
+        return i, count
+
+    def job(self, number: int, start: int, first_index: int, stop: int, bounded: bool) -> ShardJob:
+        """The job for shard ``number`` starting at input ``start``, given the inputs up to ``stop``."""
         name = self.shard_name(number)
-        tar, idx = self.dir / f"{name}.tar", self.dir / f"{name}.idx"
-        tmp_tar, tmp_idx = tar.with_name(tar.name + ".tmp"), idx.with_name(idx.name + ".tmp")
+        items = [InputRef.of(it) for it in self.ordered[start:stop]]
+        classes = {label: (self.listing.classes[label].id, self.listing.classes[label].name)
+                   for label in {it.label for it in items}}
         opts = self.options
-        start, count, payload = stream.pos, 0, 0
-        skipped: list[dict[str, Any]] = []
-        reencoded: Counter = Counter()
-        stats = Counter()
-        with open(tmp_tar, "wb") as raw:
-            hashing = _HashingFile(raw)
-            writer = wds.TarWriter(hashing, encoder=False, mtime=0, user="cstn", group="cstn")
-            try:
-                while (head := stream.peek()) is not None:
-                    full = (count >= opts.samples_per_shard if opts.samples_per_shard is not None
-                            else payload >= opts.shard_size_mb * 1e6)
-                    if head.jpeg is not None and full and not bounded:
-                        break
-                    pos, item, checked = stream.pop()
-                    self.tick(checked)
-                    if checked.jpeg is None:
-                        if opts.strict:
-                            raise ShardingError(f"{item.path}: {checked.reason} (--strict: no input may be skipped)")
-                        skipped.append({"file": item.relpath, "key": item.key, "reason": checked.reason})
-                        continue
-                    cls = self.listing.classes[item.label]
-                    meta = {"synset": cls.id, "name": cls.name, "file": item.relpath}
-                    if checked.reencoded:
-                        meta["reencoded"] = checked.reencoded
-                        reencoded[checked.reencoded] += 1
-                    sample = schema.encode_sample(item.key, checked.jpeg, item.label, first_index + count,
-                                                  checked.width, checked.height, checked.boxes, meta)
-                    payload += writer.write(sample)
-                    count += 1
-                    stats["boxes"] += len(checked.boxes)
-                    stats["boxes_clipped"] += checked.boxes_clipped
-                    stats["boxes_dropped"] += checked.boxes_dropped
-                    stats["images_all_boxes_dropped"] += int(len(item.boxes) > 0 and len(checked.boxes) == 0)
-                    stats["input_bytes"] += checked.input_bytes
-            except BaseException:
-                writer.close()
-                raw.close()
-                os.unlink(tmp_tar)
-                raise
-            writer.close()
-        if count == 0:
-            os.unlink(tmp_tar)
-            return {"count": 0, "inputs": [start, stream.pos], "skipped": skipped}
-        write_dali_index(tmp_tar, tmp_idx)
-        record = {
-            "name": tar.name, "index_file": idx.name, "count": count, "first_index": first_index,
-            "bytes": hashing.bytes, "sha256": hashing.sha.hexdigest(), "idx_sha256": sha256_file(tmp_idx),
-            "inputs": [start, stream.pos], "skipped": skipped, "reencoded": dict(sorted(reencoded.items())),
-            **{k: stats[k] for k in ("boxes", "boxes_clipped", "boxes_dropped", "images_all_boxes_dropped",
-                                     "input_bytes")},
-        }
-        os.replace(tmp_idx, idx)
-        os.replace(tmp_tar, tar)
+        return ShardJob(name=name, tar_tmp=self.dir / f"{name}.tar.tmp", idx_tmp=self.dir / f"{name}.idx.tmp",
+                        start=start, first_index=first_index, items=items, at_range_end=stop == len(self.ordered),
+                        bounded=bounded, samples_per_shard=opts.samples_per_shard, image_mb=opts.shard_size_mb,
+                        classes=classes, strict=opts.strict, quality=opts.reencode_quality, verify=opts.verify)
+
+    def commit(self, job: ShardJob, written: dict[str, Any]) -> None:
+        """Give a written shard its final names and record it in the manifest."""
+        tar, idx = self.dir / f"{job.name}.tar", self.dir / f"{job.name}.idx"
+        os.replace(job.idx_tmp, idx)
+        os.replace(job.tar_tmp, tar)
+        self.records.append({
+            "name": tar.name, "index_file": idx.name, "count": written["count"], "first_index": job.first_index,
+            "bytes": written["bytes"], "sha256": written["sha256"], "idx_sha256": written["idx_sha256"],
+            "inputs": [job.start, written["end"]], "skipped": written["skipped"], "reencoded": written["reencoded"],
+            **{k: written[k] for k in ("boxes", "boxes_clipped", "boxes_dropped", "images_all_boxes_dropped",
+                                       "input_bytes")},
+        })
         self.result.written.append(tar.name)
-        return record
+        self.progress(written["end"] - job.start, written["input_bytes"])
+        self.save(complete=False)
 
     def run(self) -> ConversionResult:
-        from tqdm import tqdm
         self.dir.mkdir(parents=True, exist_ok=True)
         n = len(self.ordered)
-        checker = _Checker(self.options.workers, self.options.reencode_quality)  # workers start meanwhile
+        opts = self.options
+        workers = _Workers(opts.workers)  # before anything else: the processes start meanwhile
+        ahead = opts.workers + 1 if opts.workers else 1  # shards in flight
+        in_flight: deque[tuple[ShardJob, Any, dict[str, Any] | None]] = deque()
         try:
-            import webdataset  # noqa: F401  (slow first import: pulls in torch)
             self.fingerprint = self.listing.fingerprint()
             previous = self.previous_records()
             todo = n
@@ -616,45 +492,90 @@ class _Converter:
                 kept_flags.append(self.keep_if_intact(rec))
                 if kept_flags[-1]:
                     todo -= rec["inputs"][1] - rec["inputs"][0]
-            self.bar = tqdm(total=todo, unit="img", desc=f"{self.listing.dataset}/{self.split}", file=sys.stderr,
-                            disable=not self.options.progress, mininterval=0.5, dynamic_ncols=True)
-            pos, next_index = 0, 0
+            if opts.progress:  # (even a disabled tqdm starts its monitor thread, which rules out fork later)
+                from tqdm import tqdm
+                self.bar = tqdm(total=todo, unit="img", desc=f"{self.listing.dataset}/{self.split}",
+                                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
             t_write = time.time()
-            for rec, keep in zip(previous, kept_flags):
-                if keep:
-                    self.records.append(rec)
-                    self.result.kept.append(rec["name"])
-                else:  # redo exactly this range; same inputs and options give the same bytes
-                    start, stop = rec["inputs"]
-                    new = self.write_shard(_Stream(checker, self.ordered, start, stop), len(self.records),
-                                           next_index, bounded=True)
-                    if new["count"] != rec["count"]:
+
+            # 1. the shards of an earlier run: keep the intact ones, redo the others from their recorded range
+            def commit_redone(limit: int) -> None:
+                while len(in_flight) > limit:
+                    job, future, rec = in_flight.popleft()
+                    written = workers.result(future)
+                    if written["count"] != rec["count"]:
                         raise ShardingError(
-                            f"{self.dir / rec['name']}: rewriting it gave {new['count']} samples where the "
+                            f"{self.dir / rec['name']}: rewriting it gave {written['count']} samples where the "
                             f"manifest lists {rec['count']}; the source changed without changing its "
                             f"fingerprint. Delete {self.dir} and convert again.")
-                    self.records.append(new)
-                next_index += self.records[-1]["count"]
-                pos = self.records[-1]["inputs"][1]
-                self.save(complete=False)
-            tail = _Stream(checker, self.ordered, pos, n)
-            while tail.peek() is not None:
-                rec = self.write_shard(tail, len(self.records), next_index, bounded=False)
-                if rec["count"] == 0:  # only skipped inputs were left: they belong to the last shard
-                    if not self.records:
-                        raise ShardingError(f"no usable image among the {n} inputs of {self.listing.root} "
-                                            f"({self.split}); first reason: {rec['skipped'][0]['reason']}")
-                    self.records[-1]["inputs"][1] = rec["inputs"][1]
-                    self.records[-1]["skipped"].extend(rec["skipped"])
-                else:
+                    self.commit(job, written)
+
+            pos, next_index = 0, 0
+            for number, (rec, keep) in enumerate(zip(previous, kept_flags)):
+                if keep:
+                    commit_redone(0)
                     self.records.append(rec)
-                    next_index += rec["count"]
-                self.save(complete=False)
+                    self.result.kept.append(rec["name"])
+                    self.save(complete=False)
+                else:  # same inputs and options give the same bytes
+                    job = self.job(number, rec["inputs"][0], next_index, rec["inputs"][1], bounded=True)
+                    in_flight.append((job, workers.submit(job), rec))
+                    commit_redone(ahead)
+                next_index += rec["count"]
+                pos = rec["inputs"][1]
+            commit_redone(0)
+
+            # 2. new shards, started ahead on guessed boundaries and committed in order
+            number, guess_pos, guess_index, extra = len(self.records), pos, next_index, 0
+            while True:
+                while len(in_flight) < ahead and guess_pos < n:
+                    end, count = self.guess(guess_pos)
+                    slack = max(16, (end - guess_pos) // 8) + extra  # room for inputs that turn out bad
+                    job = self.job(number + len(in_flight), guess_pos, guess_index, min(n, end + slack), bounded=False)
+                    in_flight.append((job, workers.submit(job), None))
+                    guess_pos, guess_index, extra = end, guess_index + count, 0
+                if not in_flight:
+                    break
+                job, future, _ = in_flight.popleft()
+                written = None
+                if (job.start, job.first_index) == (pos, next_index):
+                    written = workers.result(future)
+                    if written["needs_more"]:  # more skipped inputs than the slack: retry with more
+                        extra = 2 * len(job.items)
+                        written = None
+                else:
+                    workers.discard(job, future)
+                if written is None:  # a wrong guess: everything started after it is wrong too
+                    self.result.redone += 1 + len(in_flight)
+                    while in_flight:
+                        workers.discard(*in_flight.popleft()[:2])
+                    guess_pos, guess_index = pos, next_index
+                    continue
+                if written["count"]:
+                    self.commit(job, written)
+                    number += 1
+                elif not self.records:  # only skipped inputs, and none before them
+                    raise ShardingError(f"no usable image among the {n} inputs of {self.listing.root} "
+                                        f"({self.split}); first reason: {written['skipped'][0]['reason']}")
+                else:  # only skipped inputs were left: they belong to the last shard
+                    last = self.records[-1]
+                    last["inputs"][1] = written["end"]
+                    last["skipped"].extend(written["skipped"])
+                    last["input_bytes"] += written["input_bytes"]
+                    self.progress(written["end"] - job.start, written["input_bytes"])
+                    self.save(complete=False)
+                pos, next_index = written["end"], next_index + written["count"]
             if not self.records:
                 raise ShardingError(f"{self.listing.root}: split {self.split!r} has no inputs")
             self.result.write_seconds = time.time() - t_write
+        except BaseException:
+            workers.close()
+            for job, _, _ in in_flight:  # started but not committed: nothing may look complete
+                for p in (job.tar_tmp, job.idx_tmp):
+                    p.unlink(missing_ok=True)
+            raise
         finally:
-            checker.close()
+            workers.close()
             if self.bar is not None:
                 self.bar.close()
         manifest = self.manifest(complete=True)
@@ -663,7 +584,7 @@ class _Converter:
             raise ShardingError(f"internal error: {counts['inputs']} inputs but {manifest['total']} samples "
                                 f"+ {counts['skipped']} skipped")
         self.remove_stale()
-        _write_json(self.manifest_path, manifest)
+        _write_json(self.manifest_path, manifest, indent=1)
         self.result.manifest = manifest
         self.result.seconds = time.time() - self._t0
         return self.result

@@ -21,6 +21,7 @@ from pipeline.shards import (ShardingError, ShardOptions, clip_boxes, convert, l
 from pipeline.sources import cub, ilsvrc
 from pipeline.sources.base import SourceError
 from pipeline.sources.synthetic import SyntheticSpec, write_cub_layout
+from pipeline.tarshard import ShardTarWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMBERS = sorted(schema.MEMBERS)
@@ -157,18 +158,15 @@ def test_val_keeps_source_order_and_train_shuffle_depends_only_on_the_seed(synth
 
 
 def test_shard_size_limit(synthetic, tmp_path):
-    limit_mb = 0.02
+    limit_mb = 0.01
     m = convert(cub.list_split(synthetic, "train"), tmp_path, opts(shard_size_mb=limit_mb)).manifest
     assert m["num_shards"] > 2 and m["total"] == 40 == sum(s["count"] for s in m["shards"])
     for n, shard in enumerate(m["shards"]):
         with tarfile.open(tmp_path / "train" / shard["name"]) as t:
-            members = t.getmembers()
-        payload = sum(ti.size for ti in members)
-        last_key = members[-1].name.split(".")[0]
-        last_sample = sum(ti.size for ti in members if ti.name.split(".")[0] == last_key)
-        assert payload - last_sample < limit_mb * 1e6  # a shard closes once a sample reaches the limit
+            images = [ti.size for ti in t.getmembers() if ti.name.endswith(".jpg")]
+        assert sum(images) - images[-1] < limit_mb * 1e6  # a shard closes once its images reach the limit
         if n < m["num_shards"] - 1:
-            assert payload >= limit_mb * 1e6
+            assert sum(images) >= limit_mb * 1e6
 
 
 def test_ilsvrc_train_samples_have_an_empty_box_member_that_dali_reads(small_ilsvrc, tmp_path):
@@ -273,14 +271,16 @@ def damaged_val(small_ilsvrc, reference, tmp_path):
     return root
 
 
-def test_bad_inputs_are_skipped_reencoded_clipped_dropped_and_counted(damaged_val, reference, tmp_path):
+@pytest.mark.parametrize("verify", ["structure", "decode"])
+def test_bad_inputs_are_skipped_reencoded_clipped_dropped_and_counted(damaged_val, reference, tmp_path, verify):
     listing = list_source("ilsvrc", damaged_val, "val", annotations=damaged_val / "val_annotations")
-    m = convert(listing, tmp_path, opts(samples_per_shard=5, workers=2)).manifest
+    m = convert(listing, tmp_path, opts(samples_per_shard=5, workers=2, verify=verify)).manifest
     k = VAL
     skipped = {s["key"]: s["reason"] for s in m["skipped"]}
     assert set(skipped) == {k[1], k[2], k[6], k[9], k[10], k[11]}
-    assert "Premature end of JPEG file" in skipped[k[1]] and skipped[k[1]].startswith("corrupt or truncated JPEG")
-    assert skipped[k[2]].startswith("corrupt or truncated JPEG")
+    # the structural check finds both before any decoding: the cut-off scan and the stray markers
+    assert skipped[k[1]].startswith("corrupt or truncated JPEG (no end-of-image marker: the file ends inside")
+    assert skipped[k[2]].startswith("corrupt or truncated JPEG (corrupt data in scan 1: marker 0xff")
     assert skipped[k[6]].startswith("not an image")
     assert skipped[k[9]] == (f"the annotation says {reference.sizes[k[9]][0] + 1}x{reference.sizes[k[9]][1]} "
                              f"but the image is {reference.sizes[k[9]][0]}x{reference.sizes[k[9]][1]}")
@@ -313,22 +313,87 @@ def test_bad_inputs_are_skipped_reencoded_clipped_dropped_and_counted(damaged_va
     assert [schema.decode_binary(samples[key])[1] for key in VAL if key in samples] == list(range(10))
 
 
-def test_strict_fails_on_the_first_bad_input_naming_it(damaged_val, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_strict_fails_on_the_first_bad_input_naming_it(damaged_val, tmp_path, workers):
     listing = list_source("ilsvrc", damaged_val, "val", annotations=damaged_val / "val_annotations")
     with pytest.raises(ShardingError, match=rf"{VAL[1]}\.JPEG: corrupt or truncated JPEG .*--strict"):
-        convert(listing, tmp_path, opts(strict=True))
+        convert(listing, tmp_path, opts(strict=True, samples_per_shard=1, workers=workers))
+    assert not list((tmp_path / "val").glob("*.tmp"))  # shards started ahead were removed
+
+
+def entropy_damaged(jpeg: bytes, seed: int = 0, length: int = 600) -> bytes:
+    """``jpeg`` with ``length`` bytes of its scan data replaced by random bytes that are never 0xFF: every
+    marker stays where it was, only the Huffman-coded data is wrong."""
+    mid = len(jpeg) // 2
+    while jpeg[mid - 1] == 0xFF:  # do not split a stuffed 0xFF 0x00 pair
+        mid += 1
+    junk = bytes(np.random.default_rng(seed).integers(0, 255, length, dtype=np.uint8))
+    return jpeg[:mid] + junk + jpeg[mid + length:]
 
 
 def test_image_checks_directly():
     good = photo_jpeg(64, 48)
-    assert normalize_image(good) == (good, 64, 48, None)
-    for data, reason in ((good[:-200], "Premature end"), (b"\xff\xd8\xff" + b"\0" * 50, "unreadable JPEG header"),
-                         (b"GIF89a" + b"\0" * 20, "gif data that OpenCV cannot decode")):
-        with pytest.raises(ValueError, match=reason):
-            normalize_image(data)
+    for verify in ("structure", "decode"):
+        assert normalize_image(good, verify=verify) == (good, 64, 48, None)
+        for data, reason in ((good[:-200], r"corrupt or truncated JPEG \(no end-of-image marker"),
+                             (b"\xff\xd8\xff" + b"\0" * 50, r"unreadable JPEG header \(unexpected marker 0xff00"),
+                             (b"GIF89a" + b"\0" * 20, "gif data that OpenCV cannot decode")):
+            with pytest.raises(ValueError, match=reason):
+                normalize_image(data, verify=verify)
+    # trailing zero padding after the end-of-image marker is accepted and stored as it is
+    assert normalize_image(good + bytes(300))[1:] == (64, 48, None)
+    with pytest.raises(ValueError, match="verify must be one of"):
+        normalize_image(good, verify="quick")
+
+
+def test_damaged_scan_data_with_intact_markers_needs_the_decode_check(tmp_path):
+    """What ``structure`` cannot see and ``decode`` can: Huffman data overwritten without touching a marker."""
+    spec = SyntheticSpec(num_train=6, num_test=4, image_size=160, num_classes=2, seed=5)
+    root = write_cub_layout(spec, tmp_path / "cub", progress=False)
+    listing = cub.list_split(root, "test")
+    victim = listing.items[1]
+    victim.path.write_bytes(entropy_damaged(photo_jpeg(160, 160, seed=3)))
+    structure = convert(listing, tmp_path / "s", opts(samples_per_shard=3)).manifest
+    assert structure["total"] == 4 and not structure["skipped"]
+    decode = convert(listing, tmp_path / "d", opts(samples_per_shard=3, verify="decode")).manifest
+    assert decode["total"] == 3 and [s["key"] for s in decode["skipped"]] == [victim.key]
+    assert decode["skipped"][0]["reason"].startswith("corrupt or truncated JPEG (libjpeg: Corrupt JPEG data")
+    assert decode["converter"]["content_options"]["verify"] == "decode"
     kept, clipped, dropped = clip_boxes([[-1, -1, 10, 10], [0, 0, 5, 5], [7, 7, 7, 9], [np.nan, 0, 1, 1]], 8, 8)
     np.testing.assert_array_equal(kept, [[0, 0, 8, 8], [0, 0, 5, 5]])
     assert (clipped, dropped) == (1, 2) and kept.dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel writing
+# ---------------------------------------------------------------------------------------------
+
+def test_shards_started_on_wrong_guesses_are_redone_and_match_a_sequential_run(tmp_path):
+    root = write_cub_layout(SyntheticSpec(num_train=4, num_test=40, image_size=32, num_classes=2, seed=4),
+                            tmp_path / "cub", progress=False)
+    items = cub.list_split(root, "test").items  # source order
+    for it in items[3:24]:  # 21 bad inputs in a row: more than the slack a guessed range carries (16)
+        it.path.write_bytes(it.path.read_bytes()[:-10])
+    items[30].path.write_bytes(b"not an image")
+    listing = cub.list_split(root, "test")
+    sequential = convert(listing, tmp_path / "seq", opts(samples_per_shard=2, workers=0))
+    parallel = convert(listing, tmp_path / "par", opts(samples_per_shard=2, workers=2))
+    assert parallel.redone > 0  # shards started after the bad run began at the wrong input
+    m = parallel.manifest
+    assert m["shards"] == sequential.manifest["shards"] and m["skipped"] == sequential.manifest["skipped"]
+    assert m["total"] == 18 and len(m["skipped"]) == 22
+    # a full shard keeps the bad inputs that follow it; the next good input opens the next shard
+    assert [s["inputs"] for s in m["shards"][:3]] == [[0, 2], [2, 25], [25, 27]]
+    assert [s["count"] for s in m["shards"][:3]] == [2, 2, 2] and len(m["shards"][1]["skipped"]) == 21
+    samples = read_webdataset(load_manifest(tmp_path / "par" / "test"))
+    assert [schema.decode_binary(x)[1] for x in samples] == list(range(18))
+
+
+def test_workers_are_forked_only_from_a_single_threaded_process():
+    code = ("import threading; from pipeline.shards import _single_threaded as single; before = single(); "
+            "threading.Thread(target=threading.Event().wait, args=(5,), daemon=True).start(); print(before, single())")
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True", "False"], done.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +407,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_writes_the_layout_of_the_issue(synthetic, tmp_path):
     done = run_cli("--dataset", "cub", "--root", str(synthetic), "--split", "test", "--out", str(tmp_path),
-                   "--samples-per-shard", "10", "--workers", "2", "--seed", "3")
+                   "--samples-per-shard", "10", "--workers", "2", "--seed", "3", "--verify", "decode")
     assert done.returncode == 0, done.stderr
     assert "cub/test: 14 samples in 2 shards" in done.stdout
     assert "img/s" in done.stderr and "MB/s" in done.stderr  # the progress bar
@@ -350,6 +415,10 @@ def test_cli_writes_the_layout_of_the_issue(synthetic, tmp_path):
         "manifest.json", "test-000000.idx", "test-000000.tar", "test-000001.idx", "test-000001.tar"]
     opts_recorded = load_manifest(tmp_path / "test").data["converter"]["options"]
     assert opts_recorded["samples_per_shard"] == 10 and opts_recorded["seed"] == 3 and opts_recorded["workers"] == 2
+    assert opts_recorded["verify"] == "decode"
+    done = run_cli("--dataset", "cub", "--root", str(synthetic), "--split", "test", "--out", str(tmp_path),
+                   "--verify", "quick")
+    assert done.returncode == 2 and "invalid choice: 'quick'" in done.stderr
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -391,22 +460,21 @@ def test_cli_errors_name_the_input(small_ilsvrc, tmp_path, damage, message):
 
 def test_rerun_after_an_interruption_keeps_finished_shards_and_matches_a_clean_run(synthetic, tmp_path,
                                                                                   monkeypatch):
-    import pipeline.shards as shards
     listing = cub.list_split(synthetic, "train")
     clean = convert(listing, tmp_path / "clean", opts(samples_per_shard=8)).manifest
 
-    real_index, calls = shards.write_dali_index, []
+    real_index, calls = ShardTarWriter.write_index, []
 
-    def crash_on_third(tar, idx):
-        calls.append(tar)
+    def crash_on_third(writer):  # the tar is complete, its index is not: as if the power went off
+        calls.append(writer.tar_path)
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
-        real_index(tar, idx)
+        real_index(writer)
 
-    monkeypatch.setattr(shards, "write_dali_index", crash_on_third)
+    monkeypatch.setattr(ShardTarWriter, "write_index", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         convert(listing, tmp_path / "run", opts(samples_per_shard=8))
-    monkeypatch.setattr(shards, "write_dali_index", real_index)
+    monkeypatch.setattr(ShardTarWriter, "write_index", real_index)
     split_dir = tmp_path / "run" / "train"
     assert (split_dir / "train-000002.tar.tmp").exists() and not (split_dir / "train-000002.tar").exists()
     with pytest.raises(ShardingError, match=r"manifest\.json: the conversion did not finish"):
@@ -443,6 +511,7 @@ def test_rerun_redoes_only_a_damaged_shard_and_rebuilds_a_lost_index(synthetic, 
 def test_other_options_rewrite_everything_and_remove_stale_shards(synthetic, tmp_path):
     listing = cub.list_split(synthetic, "train")
     convert(listing, tmp_path, opts(samples_per_shard=8))
+    assert not convert(listing, tmp_path, opts(samples_per_shard=8, verify="decode")).kept  # another check
     result = convert(listing, tmp_path, opts(samples_per_shard=20))
     assert not result.kept and len(result.written) == 2
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
