@@ -1,11 +1,12 @@
 """The PyTorch input backend: WebDataset shards read through their DALI index, decoded in worker processes.
 
-Per sample: the member bytes are read with one ``pread`` at the offsets the shard's ``.idx`` lists
+Per sample: the member bytes are read with one ``read`` at the offsets the shard's ``.idx`` lists
 (the same index DALI uses), the JPEG is decoded by libjpeg-turbo (``simplejpeg``), resized by
 OpenCV straight into a shared uint8 batch, optionally mirrored; the worker sends whole uint8
 batches (never float32) through the DataLoader's shared memory. Each worker process uses one
 thread (``cv2.setNumThreads(1)``, ``torch.set_num_threads(1)``); workers start from a fork server
-(:func:`worker_context`), never by forking the training process.
+(:func:`worker_context`), never by forking the training process, on a loader's first pass, and stay
+for its lifetime (``persistent_workers``; the epoch reaches them through shared memory).
 
 Why the index and not ``tarfile``: on ILSVRC-sized JPEGs Python's ``tarfile`` parsing (as in
 ``webdataset.tar_file_iterator``) cost ~370 us per 7-member sample here, more than half the
@@ -31,9 +32,10 @@ into contiguous per-worker ranges, so every worker reads whole, sequential stret
   every rank takes the first ``steps * batch_size`` samples of its range in that order (``steps =
   (N // W) // B``, the same for all ranks), and each worker shuffles its stretch through a
   ``data.shuffle_buffer`` buffer seeded by ``(seed, epoch, rank, worker)`` (the first batch leaves
-  once ``max(100, 4 x batch)`` samples are in; the buffer keeps filling up to its size). Shards are pre-shuffled
-  at conversion, so contiguous stretches of a permuted shard order are random subsets; the few
-  samples at the end of a rank's range that do not fill a batch change from epoch to epoch.
+  once ``max(100, 4 x batch)`` samples are in; the buffer keeps filling up to its size). Shards
+  are pre-shuffled at conversion, so contiguous stretches of a permuted shard order are random
+  subsets; the few samples at the end of a rank's range that do not fill a batch change from
+  epoch to epoch.
   :meth:`TorchLoader.set_epoch` must be called per epoch (as with ``DistributedSampler``).
 * ``data.on_corrupt == "skip"``: an undecodable sample is logged with its shard and key, counted
   in :attr:`TorchLoader.skipped`, and (training) replaced by re-reading the worker's stretch so the

@@ -58,7 +58,8 @@ def test_two_rank_processes(tiny_shards, tmp_path):
         indices = [i for r in per_rank for batch in r["eval"] for i in batch]
         assert sorted(set(indices)) == list(range(total)), backend
         assert len(indices) == total, backend
-        assert [sum(len(b) for b in r["eval"]) for r in per_rank] == [r["eval_num_samples"] for r in per_rank] == [11, 11]
+        counts = [sum(len(b) for b in r["eval"]) for r in per_rank]
+        assert counts == [r["eval_num_samples"] for r in per_rank] == [11, 11]
         assert [[len(b) for b in r["eval"]] for r in per_rank] == [[8, 3], [8, 3]], backend
         assert [r["eval_num_batches"] for r in per_rank] == [2, 2]
         # training: every rank runs the same number of full batches in every epoch
