@@ -44,9 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2,
                    help="processes checking images and writing shards (0: all in this process; default 2)")
     p.add_argument("--verify", choices=VERIFY_MODES, default="structure",
-                   help="JPEG check: 'structure' (default) walks every marker, header and scan, no decoding "
-                        "(~0.1 ms an image); 'decode' also decodes each image in full with libjpeg (~1 ms an image) "
-                        "and also catches damaged scan data whose markers are intact")
+                   help="JPEG check, no decoding but for 'decode': 'structure' (default) reads the segments up to "
+                        "the first scan and requires the end marker (catches truncated files); 'markers' also "
+                        "walks every marker inside the scan data (catches overwritten data); 'decode' also "
+                        "decodes every image with libjpeg in strict mode (catches damaged Huffman data, ~1 ms "
+                        "an image)")
     p.add_argument("--strict", action="store_true", help="fail on the first input that would be skipped")
     p.add_argument("--annotations", default=None, metavar="PATH",
                    help="ILSVRC val boxes: a directory of PASCAL-VOC XML files or LOC_val_solution.csv")

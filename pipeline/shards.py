@@ -17,23 +17,28 @@ Order, indices and shard boundaries
     are listed with it, and the next usable input opens the next shard.
 
 Images
-    Every input is read once and checked (:func:`~pipeline.shard_worker.normalize_image`).
-    ``verify="structure"`` (default) walks the JPEG's whole marker structure without decoding
-    (:func:`pipeline.jpeg_check.parse_jpeg`: segment lengths, frame and scan headers, quantisation
-    tables, every marker inside the entropy-coded data, end-of-image marker; about 0.1 ms an
-    ILSVRC image): it rejects truncated files and data overwritten with anything that breaks the
-    marker structure, which random bytes do with near certainty. ``verify="decode"`` also decodes
-    every image completely with libjpeg in strict mode (about 1 ms an image), which also rejects
-    damaged Huffman data whose markers are intact (libjpeg itself only warns about those and
-    returns an image with grey or smeared blocks). A baseline/extended/progressive 8-bit YCbCr JPEG
-    that passes is stored byte for byte, with width and height from its frame header. Grey,
-    CMYK/YCCK and other colour spaces, other JPEG frame types (arithmetic, lossless, 12-bit) and
-    non-JPEG data under an image name (PNG, GIF, BMP, TIFF, WebP: ILSVRC holds a few) are decoded
-    with OpenCV (EXIF orientation ignored, so sizes and boxes keep referring to the stored pixels)
-    and re-encoded as RGB JPEG (``reencode_quality``), counted per kind. Unreadable, corrupt or
-    truncated files, and files missing on disk, are skipped and listed with the reason; ``strict``
-    turns the first such file into an error. An image whose size differs from the size its
-    annotation states is skipped too (its boxes would not fit).
+    Every input is read once and checked (:func:`~pipeline.shard_worker.normalize_image`, with
+    :func:`pipeline.jpeg_check.parse_jpeg`); no JPEG is decoded unless it has to be re-encoded or
+    ``verify="decode"``. ``verify`` trades time for coverage (times for an ILSVRC photo, one core):
+
+    - ``structure`` (default, ~5 us): segment lengths, frame and scan headers, quantisation tables
+      up to the first scan, and the end-of-image marker at the end of the file (zero padding after
+      it allowed; other bytes after it make it walk the scans to find it). Rejects every truncated
+      file, not bytes overwritten inside the scan data;
+    - ``markers`` (~45 us): also every marker inside the entropy-coded data of every scan, which
+      rejects data overwritten with random bytes with near certainty;
+    - ``decode`` (~1 ms): also a complete strict libjpeg decode (DCT-scaled 1/8), which rejects
+      damaged Huffman data whose markers are intact too (libjpeg itself only warns about those and
+      returns an image with grey or smeared blocks).
+
+    A baseline/extended/progressive 8-bit YCbCr JPEG that passes is stored byte for byte, with width
+    and height from its frame header. Grey, CMYK/YCCK and other colour spaces, other JPEG frame
+    types (arithmetic, lossless, 12-bit) and non-JPEG data under an image name (PNG, GIF, BMP, TIFF,
+    WebP: ILSVRC holds a few) are decoded with OpenCV (EXIF orientation ignored, so sizes and boxes
+    keep referring to the stored pixels) and re-encoded as RGB JPEG (``reencode_quality``), counted
+    per kind. Unreadable, corrupt or truncated files, and files missing on disk, are skipped and
+    listed with the reason; ``strict`` turns the first such file into an error. An image whose size
+    differs from the size its annotation states is skipped too (its boxes would not fit).
 
 Parallel writing
     Each shard is produced by one worker process in one pass (:func:`~pipeline.shard_worker.write_shard`:
@@ -126,9 +131,10 @@ class ShardOptions:
     progress: bool = True
     """Show a tqdm bar (images/s, MB/s) on stderr."""
     verify: str = "structure"
-    """How JPEG inputs are checked: ``structure`` (markers, frame header, scans and end marker, no
-    decoding) or ``decode`` (also a full strict libjpeg decode, some 20x slower; catches damaged
-    entropy-coded data whose markers are intact)."""
+    """How JPEG inputs are checked: ``structure`` (segments up to the first scan and the end marker:
+    catches truncation), ``markers`` (also every marker inside the scan data: catches overwritten
+    data; ~10x the time of ``structure``) or ``decode`` (also a full strict libjpeg decode: catches
+    damaged Huffman data with intact markers; ~200x). None decodes images it stores as they are."""
 
     def __post_init__(self):
         if self.samples_per_shard is not None and self.shard_size_mb is not None:

@@ -1,6 +1,7 @@
 """The structural JPEG check: hand-made streams for each defect, and real encoder output against libjpeg."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import cv2
@@ -190,10 +191,25 @@ def test_real_files_agree_with_libjpeg_and_every_cut_is_caught(name, data, color
     info = parse_jpeg(data)
     assert (info.width, info.height) == (width, height), name
     assert info.colorspace == libjpeg_colorspace == colorspace, name
-    assert info.end == len(data)
-    for cut in range(2, len(data) - 1, max(1, len(data) // 97)):  # truncated anywhere: never accepted
-        with pytest.raises(JpegError):
-            parse_jpeg(data[:cut])
+    assert info.end == len(data) and parse_jpeg(data, scan_data=False) == dataclasses.replace(info, scans=1)
+    cuts = [*range(2, len(data) - 1, max(1, len(data) // 97)), len(data) - 1]
+    for scan_data in (True, False):
+        for cut in cuts:  # truncated anywhere, even with zero padding after the cut: never accepted
+            for padding in (b"", bytes(64)):
+                with pytest.raises(JpegError):
+                    parse_jpeg(data[:cut] + padding, scan_data=scan_data)
+
+
+def test_without_the_scan_walk_only_the_end_of_the_file_is_checked():
+    data = jpeg(extra=jfif())
+    overwritten = jpeg(extra=jfif(), data=b"\x12\xff\x37\x56")  # a stray marker inside the scan data
+    assert parse_jpeg(overwritten, scan_data=False).end == len(overwritten)
+    with pytest.raises(JpegError, match="corrupt data in scan 1"):
+        parse_jpeg(overwritten)
+    assert parse_jpeg(data + bytes(7), scan_data=False).end == len(data)  # zero padding
+    assert parse_jpeg(data + b"junk", scan_data=False).end == len(data)  # other bytes: found by walking the scans
+    with pytest.raises(JpegError, match="no end-of-image marker"):
+        parse_jpeg(data[:-2] + b"junk", scan_data=False)
 
 
 def test_random_bytes_written_over_scan_data_are_caught():

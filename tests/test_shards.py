@@ -271,16 +271,19 @@ def damaged_val(small_ilsvrc, reference, tmp_path):
     return root
 
 
-@pytest.mark.parametrize("verify", ["structure", "decode"])
+@pytest.mark.parametrize("verify", ["structure", "markers", "decode"])
 def test_bad_inputs_are_skipped_reencoded_clipped_dropped_and_counted(damaged_val, reference, tmp_path, verify):
     listing = list_source("ilsvrc", damaged_val, "val", annotations=damaged_val / "val_annotations")
     m = convert(listing, tmp_path, opts(samples_per_shard=5, workers=2, verify=verify)).manifest
     k = VAL
     skipped = {s["key"]: s["reason"] for s in m["skipped"]}
-    assert set(skipped) == {k[1], k[2], k[6], k[9], k[10], k[11]}
-    # the structural check finds both before any decoding: the cut-off scan and the stray markers
+    # k[2] has 2000 random bytes written over its scan data, its end marker intact: the default check
+    # (headers and end marker) cannot see that; walking the scan's markers can, before any decoding
+    overwritten = {k[2]} if verify != "structure" else set()
+    assert set(skipped) == {k[1], k[6], k[9], k[10], k[11]} | overwritten
     assert skipped[k[1]].startswith("corrupt or truncated JPEG (no end-of-image marker: the file ends inside")
-    assert skipped[k[2]].startswith("corrupt or truncated JPEG (corrupt data in scan 1: marker 0xff")
+    if overwritten:
+        assert skipped[k[2]].startswith("corrupt or truncated JPEG (corrupt data in scan 1: marker 0xff")
     assert skipped[k[6]].startswith("not an image")
     assert skipped[k[9]] == (f"the annotation says {reference.sizes[k[9]][0] + 1}x{reference.sizes[k[9]][1]} "
                              f"but the image is {reference.sizes[k[9]][0]}x{reference.sizes[k[9]][1]}")
@@ -288,7 +291,7 @@ def test_bad_inputs_are_skipped_reencoded_clipped_dropped_and_counted(damaged_va
     assert all(s["file"] == f"val/{s['key']}.JPEG" for s in m["skipped"])
 
     c = m["counts"]
-    assert c["inputs"] == 16 == m["total"] + c["skipped"] and m["total"] == 10
+    assert c["inputs"] == 16 == m["total"] + c["skipped"] and m["total"] == 11 - len(overwritten)
     assert c["reencoded"] == {"cmyk": 1, "grey": 1, "png": 1} and c["reencoded_total"] == 3
     assert c["boxes_clipped"] == 2 and c["boxes_dropped"] == 3
 
@@ -306,11 +309,13 @@ def test_bad_inputs_are_skipped_reencoded_clipped_dropped_and_counted(damaged_va
                   - png_source).mean() < 3
     # progressive JPEG is a valid JPEG: stored byte for byte
     assert samples[k[12]]["jpg"] == (damaged_val / "val" / f"{k[12]}.JPEG").read_bytes()
+    if not overwritten:  # what --verify structure lets through is stored as it is, never decoded
+        assert samples[k[2]]["jpg"] == (damaged_val / "val" / f"{k[2]}.JPEG").read_bytes()
     w7, h7 = reference.sizes[k[7]]
     np.testing.assert_array_equal(schema.decode_binary(samples[k[7]])[3], [[0, 5, w7, h7 - 5], [3, 0, 20, 30]])
     np.testing.assert_array_equal(schema.decode_binary(samples[k[8]])[3], [[5, 5, 60, 40]])
     # indices stay contiguous over the gaps, in source order
-    assert [schema.decode_binary(samples[key])[1] for key in VAL if key in samples] == list(range(10))
+    assert [schema.decode_binary(samples[key])[1] for key in VAL if key in samples] == list(range(m["total"]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -340,8 +345,16 @@ def test_image_checks_directly():
                              (b"GIF89a" + b"\0" * 20, "gif data that OpenCV cannot decode")):
             with pytest.raises(ValueError, match=reason):
                 normalize_image(data, verify=verify)
-    # trailing zero padding after the end-of-image marker is accepted and stored as it is
-    assert normalize_image(good + bytes(300))[1:] == (64, 48, None)
+    # bytes after the end-of-image marker (zero padding, or anything) are accepted and stored as they are
+    for verify in ("structure", "markers"):
+        assert normalize_image(good + bytes(300), verify=verify) == (good + bytes(300), 64, 48, None)
+        assert normalize_image(good + b"trailer", verify=verify) == (good + b"trailer", 64, 48, None)
+    # random bytes over the scan data: only the marker walk (or a decode) sees them
+    photo = photo_jpeg(400, 300, seed=4)
+    overwritten = photo[:len(photo) // 2] + np.random.default_rng(1).bytes(2000) + photo[len(photo) // 2 + 2000:]
+    assert normalize_image(overwritten, verify="structure")[1:] == (400, 300, None)
+    with pytest.raises(ValueError, match=r"corrupt or truncated JPEG \("):
+        normalize_image(overwritten, verify="markers")
     with pytest.raises(ValueError, match="verify must be one of"):
         normalize_image(good, verify="quick")
 
@@ -353,8 +366,9 @@ def test_damaged_scan_data_with_intact_markers_needs_the_decode_check(tmp_path):
     listing = cub.list_split(root, "test")
     victim = listing.items[1]
     victim.path.write_bytes(entropy_damaged(photo_jpeg(160, 160, seed=3)))
-    structure = convert(listing, tmp_path / "s", opts(samples_per_shard=3)).manifest
-    assert structure["total"] == 4 and not structure["skipped"]
+    for verify in ("structure", "markers"):  # every marker is where it belongs
+        kept = convert(listing, tmp_path / verify, opts(samples_per_shard=3, verify=verify)).manifest
+        assert kept["total"] == 4 and not kept["skipped"]
     decode = convert(listing, tmp_path / "d", opts(samples_per_shard=3, verify="decode")).manifest
     assert decode["total"] == 3 and [s["key"] for s in decode["skipped"]] == [victim.key]
     assert decode["skipped"][0]["reason"].startswith("corrupt or truncated JPEG (libjpeg: Corrupt JPEG data")
