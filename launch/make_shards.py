@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(result.written)} written, {len(result.kept)} kept, {len(result.reindexed)} re-indexed); "
           f"{c['skipped']} skipped, {c['reencoded_total']} re-encoded{kinds}, "
           f"{c['boxes']} boxes ({c['boxes_clipped']} clipped, {c['boxes_dropped']} dropped); "
-          f"{result.seconds:.1f}s, {mb / max(result.seconds, 1e-9):.1f} MB/s")
+          f"{result.seconds:.1f}s, {mb / max(result.seconds, 1e-9):.1f} MB/s, --verify {args.verify}"
+          + (f"; {result.redone} shards started on a wrong guess were redone" if result.redone else ""))
     for s in m["skipped"][:10]:
         print(f"  skipped {s['file']}: {s['reason']}")
     if len(m["skipped"]) > 10:
