@@ -290,8 +290,9 @@ def list_source(dataset: str, root: str | Path, split: str, annotations: str | P
 class ConversionResult:
     """What :func:`convert` did: the final manifest, the split directory, the shard names written,
     kept (checksum matched) and re-indexed in this run, wall seconds (all, and of the shard-writing
-    loop alone, i.e. without start-up, listing checks and clean-up), input bytes read, and the shards
-    started on a guess that proved wrong and were redone (``redone``; see "Parallel writing")."""
+    loop alone, i.e. without start-up, listing checks and clean-up), input bytes read, the shards
+    started on a guess that proved wrong and were redone (``redone``; see "Parallel writing"), and
+    how the worker processes were started (``fork``, ``spawn``; None without workers)."""
 
     manifest: dict[str, Any]
     split_dir: Path
@@ -302,6 +303,7 @@ class ConversionResult:
     write_seconds: float = 0.0
     input_bytes: int = 0
     redone: int = 0
+    start_method: str | None = None
 
 
 def _package_version() -> str:
@@ -487,6 +489,7 @@ class _Converter:
         n = len(self.ordered)
         opts = self.options
         workers = _Workers(opts.workers)  # before anything else: the processes start meanwhile
+        self.result.start_method = workers.start_method
         ahead = opts.workers + 1 if opts.workers else 1  # shards in flight
         in_flight: deque[tuple[ShardJob, Any, dict[str, Any] | None]] = deque()
         try:
