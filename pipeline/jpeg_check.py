@@ -23,8 +23,9 @@ zero padding) and then catches truncation but not bytes overwritten inside a sca
 
 What no structural check can see: damaged entropy-coded data that keeps the marker structure (wrong
 Huffman codes, a flipped bit, a run of zeros), which libjpeg reports only as a warning ("Corrupt
-JPEG data") while it still returns an image. The converter's ``--verify decode`` mode decodes every
-image to catch those.
+JPEG data") while it still returns an image. The shard converter's ``--verify`` modes map onto this:
+``structure`` (default) is ``scan_data=False``, ``markers`` is ``scan_data=True``, and ``decode`` adds
+a complete strict decode of every image to catch the rest.
 
 The colour space is inferred as libjpeg-turbo does (``jdapimin.c``): 1 component -> ``Gray``;
 3 -> ``YCbCr`` when a JFIF header is present, else from the Adobe APP14 transform flag
@@ -37,12 +38,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["JpegError", "JpegInfo", "parse_jpeg", "is_jpeg", "SEQUENTIAL_HUFFMAN_FRAMES", "frame_name"]
+__all__ = ["JpegError", "JpegInfo", "parse_jpeg", "is_jpeg", "HUFFMAN_DCT_FRAMES", "frame_name"]
 
 #: SOFn markers that start a frame header (C4 = DHT, C8 = JPG, CC = DAC are not frames)
 _FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-#: baseline (C0), extended sequential (C1) and progressive (C2) Huffman frames: what every decoder reads
-SEQUENTIAL_HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
+#: baseline (C0), extended sequential (C1) and progressive (C2): the Huffman-coded DCT frames every decoder reads
+HUFFMAN_DCT_FRAMES = (0xC0, 0xC1, 0xC2)
 _PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _LOSSLESS = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
 _FRAME_NAMES = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive", 0xC3: "lossless",

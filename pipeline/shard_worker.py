@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import schema
-from .jpeg_check import SEQUENTIAL_HUFFMAN_FRAMES, JpegError, JpegInfo, is_jpeg, parse_jpeg
+from .jpeg_check import HUFFMAN_DCT_FRAMES, JpegError, JpegInfo, is_jpeg, parse_jpeg
 from .sources.base import SourceItem
 from .tarshard import ShardTarWriter
 
@@ -69,7 +69,7 @@ def _jpeg_reencode_kind(info: JpegInfo) -> str | None:
         return "cmyk"
     if info.colorspace != "YCbCr":
         return f"colorspace_{info.colorspace.lower()}"
-    if info.frame not in SEQUENTIAL_HUFFMAN_FRAMES:
+    if info.frame not in HUFFMAN_DCT_FRAMES:
         return f"jpeg_sof{info.frame:x}"
     if info.precision != 8:
         return f"jpeg_{info.precision}bit"
@@ -102,7 +102,7 @@ def normalize_image(data: bytes, quality: int = 95, verify: str = "structure") -
             raise BadImage(f"{'unreadable JPEG header' if e.in_header else 'corrupt or truncated JPEG'} "
                            f"({e})") from None
         kind = _jpeg_reencode_kind(info)
-        if verify == "decode" and info.frame in SEQUENTIAL_HUFFMAN_FRAMES and info.precision == 8:
+        if verify == "decode" and info.frame in HUFFMAN_DCT_FRAMES and info.precision == 8:
             import simplejpeg
             decode_as = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}.get(info.colorspace, "RGB")
             try:  # strict: any libjpeg warning (corrupt data, premature end) is an error
