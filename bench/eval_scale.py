@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def step(cmd, **kw):
@@ -49,7 +56,8 @@ def main(argv=None) -> int:
                                   "val", "--annotations", fixture / "LOC_val_solution.csv", "--out", shards,
                                   "--samples-per-shard", "5000", "--workers", "2"])
     eval_dir = out / "eval"
-    times["evaluate_s"] = step([DEEPSPEED, "--num_gpus", str(args.ranks), "launch/evaluate.py", "--config",
+    times["evaluate_s"] = step([DEEPSPEED, "--num_gpus", str(args.ranks), "--master_port", free_port(),
+                                "launch/evaluate.py", "--config",
                                 "configs/eval_scale.yaml", f"data.root={shards}", f"train.out_dir={out / 'run'}",
                                 "--checkpoint", "init", "--out", eval_dir])
     m = json.loads((eval_dir / "metrics.json").read_text())

@@ -85,6 +85,15 @@ def make_data(out: Path, size: dict, seed: int) -> tuple[Path, Path]:
     return shards, heldout
 
 
+def free_port() -> str:
+    """A free TCP port for DeepSpeed's rendezvous, so concurrent jobs never collide on 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def run_args(out: Path, name: str, data_root: Path, overrides: list[str]) -> list[str]:
     return [f"data.root={data_root}", f"train.out_dir={out / name}",
             f"log.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}", f"log.run_name={name}", *overrides]
@@ -94,7 +103,7 @@ def train(config: str, name: str, out: Path, shards: Path, overrides: list[str])
     """2-rank DeepSpeed training; skipped when finished, resumed when interrupted."""
     run_dir = out / name
     if not (run_dir / "done.json").is_file():
-        sh([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--config", config,
+        sh([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "launch/train.py", "--config", config,
             *run_args(out, name, shards, overrides), "--resume", "auto"], log=out / f"{name}_train.log")
         (run_dir / "done.json").write_text(json.dumps({"finished": time.time()}))
 
@@ -104,7 +113,7 @@ def evaluate(config: str, name: str, out: Path, data_root: Path, overrides: list
     """2-rank evaluation of the run's latest checkpoint on ``data_root``'s test split."""
     run_dir = out / name
     eval_dir = run_dir / f"eval_{eval_name}"
-    sh([DEEPSPEED, "--num_gpus", "2", "launch/evaluate.py", "--config", config,
+    sh([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "launch/evaluate.py", "--config", config,
         *run_args(out, name, data_root, overrides), *extra, "--checkpoint", str(run_dir / "checkpoints"),
         "--out", str(eval_dir)], log=out / f"{name}_eval_{eval_name}.log")
     return json.loads((eval_dir / "metrics.json").read_text())
