@@ -78,3 +78,22 @@ def test_split_without_boxes_refused(trained, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     res = evaluate(tmp_path / "shards", trained, tmp_path / "x", 1, "--split", "train")
     assert res.returncode == 2 and "has no ground-truth boxes" in res.stderr
+
+
+def test_predict_writes_boxes_and_pictures(tiny_shards, trained, tmp_path):
+    images = tiny_shards.parent / "raw" / "images"
+    files = sorted(images.rglob("*.jpg"))[:5]
+    res = run([sys.executable, "launch/predict.py", "--config", "configs/tiny.yaml", f"data.root={tiny_shards}",
+               "--checkpoint", str(trained / "checkpoints"), "--images", *map(str, files), "--out",
+               str(tmp_path / "pred"), "--viz"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == list(map(str, files))
+    for r in rows:
+        x0, y0, x1, y1 = r["box"]
+        assert 0 <= x0 <= x1 <= r["width"] and 0 <= y0 <= y1 <= r["height"]
+        assert len(r["top5_classes"]) == 4 and r["top5_names"] is not None  # 4 classes in the tiny set
+        assert (tmp_path / "pred" / f"{Path(r['file']).stem}_boxes.jpg").stat().st_size > 0
+    res = run([sys.executable, "launch/predict.py", "--config", "configs/tiny.yaml", "--checkpoint",
+               str(trained / "checkpoints"), "--images", str(tmp_path / "missing")])
+    assert res.returncode == 2 and "no such image or directory" in res.stderr
