@@ -58,6 +58,22 @@ def _normalise(position: torch.Tensor, size: int) -> torch.Tensor:
     return position * (2.0 / size) - 1.0
 
 
+def _sampling_grid(features: torch.Tensor, offsets: torch.Tensor, k: int, padding: int, out_h: int,
+                   out_w: int) -> torch.Tensor:
+    """Where every tap of every output location samples, as ``grid_sample`` coordinates.
+
+    Returns (B, k_a, k_b, H', W', 2): (x, y) in [-1, 1] of tap (a, b) at output (i, j), i.e. the
+    regular tap position of the reference window moved by the offsets derived from theta.
+    """
+    height, width = features.shape[-2:]
+    rows = _tap_positions(height, out_h, k, padding, features)                     # (H', k_a)
+    cols = _tap_positions(width, out_w, k, padding, features)                      # (W', k_b)
+    moved = offsets.view(features.shape[0], k, k, 2, out_h, out_w)
+    y = rows.t()[None, :, None, :, None] + moved[:, :, :, 0]                       # (B, k_a, k_b, H', W')
+    x = cols.t()[None, None, :, None, :] + moved[:, :, :, 1]
+    return torch.stack([_normalise(x, width), _normalise(y, height)], dim=-1)
+
+
 def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
     """float32 for half/bfloat16 tensors; float32 and float64 pass unchanged."""
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
@@ -107,12 +123,7 @@ def sample_conv_im2col(features: torch.Tensor, offsets: torch.Tensor, weight: to
     batch, channels, height, width = features.shape
     out_channels, _, k, _ = weight.shape
     out_h, out_w = output_grid_size(height, width, k, padding)
-    rows = _tap_positions(height, out_h, k, padding, features)                     # (H', k_a)
-    cols = _tap_positions(width, out_w, k, padding, features)                      # (W', k_b)
-    moved = offsets.view(batch, k, k, 2, out_h, out_w)
-    y = rows.t()[None, :, None, :, None] + moved[:, :, :, 0]                       # (B, k_a, k_b, H', W')
-    x = cols.t()[None, None, :, None, :] + moved[:, :, :, 1]
-    grid = torch.stack([_normalise(x, width), _normalise(y, height)], dim=-1)
+    grid = _sampling_grid(features, offsets, k, padding, out_h, out_w)            # (B, k_a, k_b, H', W', 2)
     grid = grid.permute(0, 3, 4, 1, 2, 5).reshape(batch, out_h * out_w, k * k, 2)
     taps = F.grid_sample(_full_precision(features), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     columns = _like_weight(taps.permute(0, 2, 1, 3).reshape(batch * out_h * out_w, channels * k * k), weight)
@@ -140,12 +151,7 @@ def sample_conv_project(features: torch.Tensor, offsets: torch.Tensor, weight: t
     out_h, out_w = output_grid_size(height, width, k, padding)
     per_tap = weight.permute(2, 3, 0, 1).reshape(k * k * out_channels, channels, 1, 1)   # tap-major
     projected = F.conv2d(features, per_tap).view(batch * k * k, out_channels, height, width)
-    rows = _tap_positions(height, out_h, k, padding, features)                     # (H', k_a)
-    cols = _tap_positions(width, out_w, k, padding, features)                      # (W', k_b)
-    moved = offsets.view(batch, k, k, 2, out_h, out_w)
-    y = rows.t()[None, :, None, :, None] + moved[:, :, :, 0]                       # (B, k_a, k_b, H', W')
-    x = cols.t()[None, None, :, None, :] + moved[:, :, :, 1]
-    grid = torch.stack([_normalise(x, width), _normalise(y, height)], dim=-1)
+    grid = _sampling_grid(features, offsets, k, padding, out_h, out_w)            # (B, k_a, k_b, H', W', 2)
     grid = grid.reshape(batch * k * k, out_h, out_w, 2)
     sampled = F.grid_sample(_full_precision(projected), grid, mode="bilinear", padding_mode="zeros",
                             align_corners=False)
