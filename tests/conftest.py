@@ -31,3 +31,13 @@ def make_tiny_shards(out: Path, num_train: int = 40, num_test: int = 22, image_s
 def tiny_shards(tmp_path_factory) -> Path:
     """40 train / 22 test images, 64 px, 4 classes, 8 samples per shard (22 is not divisible by 2 x 8)."""
     return make_tiny_shards(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The real ILSVRC-2012 val geometry of ``../shared/data/ilsvrc2012_val_boxes`` (skips when absent)."""
+    from pipeline.sources import ilsvrc
+
+    if not ilsvrc.DEFAULT_VAL_BOXES_DIR.is_dir():
+        pytest.skip(f"{ilsvrc.DEFAULT_VAL_BOXES_DIR} not present")
+    return ilsvrc.read_val_reference()

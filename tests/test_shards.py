@@ -36,13 +36,6 @@ def opts(**kw) -> ShardOptions:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    if not ilsvrc.DEFAULT_VAL_BOXES_DIR.is_dir():
-        pytest.skip(f"{ilsvrc.DEFAULT_VAL_BOXES_DIR} not present")
-    return ilsvrc.read_val_reference()
-
-
-@pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     spec = SyntheticSpec(num_train=40, num_test=14, image_size=48, num_classes=5, seed=2)
     return write_cub_layout(spec, tmp_path_factory.mktemp("syn") / "cub", progress=False)

@@ -18,13 +18,6 @@ FIRST = [f"ILSVRC2012_val_{i:08d}" for i in range(1, 25)]
 
 
 @pytest.fixture(scope="module")
-def reference():
-    if not ilsvrc.DEFAULT_VAL_BOXES_DIR.is_dir():
-        pytest.skip(f"{ilsvrc.DEFAULT_VAL_BOXES_DIR} not present")
-    return ilsvrc.read_val_reference()
-
-
-@pytest.fixture(scope="module")
 def small_ilsvrc(tmp_path_factory, reference):
     """24 validation images (XML + CSV) and 3 classes x 4 training images, real layout."""
     return ilsvrc.make_fixture(tmp_path_factory.mktemp("ilsvrc") / "root", ids=FIRST, train_classes=3,
