@@ -31,3 +31,19 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert "eval_test/gt_known_loc" in by_name["cstn"].data.metrics
     assert "eval_test/cam_MaxBoxAccV2" in by_name["cam"].data.metrics
     assert "train/loss" in by_name["cam"].data.metrics
+
+
+def test_tiny_sweep_collects_every_variant(tmp_path):
+    res = subprocess.run([sys.executable, "launch/sweep.py", "--tiny", "--sweep", "head", "--seeds", "0",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in rows] == ["base", "conv_head"]
+    for r in rows:
+        assert 0 <= r["gt_known_loc"] <= 100 and r["gt_known_loc_sd"] == 0.0 and r["seeds"] == [0]
+    # the plain conv head learns no transform: its boxes are the reference boxes
+    assert rows[1]["gt_known_loc"] == rows[1]["gt_known_loc_ref"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert {r.info.run_name for r in runs} == {"base_seed0", "conv_head_seed0"}
+    assert {r.data.params["model.head"] for r in runs} == {"cstn", "conv"}
