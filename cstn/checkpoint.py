@@ -158,6 +158,10 @@ def check_compatible(cfg: Config, meta: dict[str, Any], source: str) -> None:
         return
     theirs = flatten(meta.get("model_config", {}), "model.")
     ours = flatten(to_dict(cfg.model), "model.")
+    # A field added to ModelConfig after the checkpoint was written is absent from its config: the
+    # checkpoint was made with that field's default, so only a non-default value is a difference.
+    defaults = flatten(to_dict(type(cfg.model)()), "model.")
+    theirs = {**{k: v for k, v in defaults.items() if k not in theirs}, **theirs}
     diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
              for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if not diffs:

@@ -82,7 +82,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "cstn"
-    """Model family: ``cstn`` (FPN + per-level head, joint p(c, l, s)) or ``cam`` (GAP classifier baseline)."""
+    """Model family: ``cstn`` (FPN + per-level head, joint p(c, l, s)), ``cam`` (GAP classifier baseline) or a comparison method on CAM: ``has``, ``acol``, ``spg``, ``adl``, ``cutmix``."""
     head: str = "cstn"
     """Per-level head of the ``cstn`` family: ``cstn`` (transform learned) or ``conv`` (plain k x k conv, Table II)."""
     head_impl: str = "fast"
@@ -108,7 +108,23 @@ class ModelConfig:
     head_channels: int = 256
     """Channels of the k x k filter bank before the 1x1 class conv."""
     cam_last_stride: int = 2
-    """Stride of the last ResNet stage for CAM (1 as in Choe et al. gives finer maps)."""
+    """Stride of the last ResNet stage for CAM and the comparison methods (1 as in Choe et al. gives finer maps)."""
+    has_grid: int = 4
+    """Hide-and-Seek (``arch: has``): cells per side of the hiding grid (Choe et al.'s default 4; 56 px cells at 224)."""
+    has_hide_prob: float = 0.5
+    """Hide-and-Seek: probability that a cell is hidden (Singh & Lee: 0.5)."""
+    acol_threshold: float = 0.7
+    """ACoL (``arch: acol``): erase where classifier A's normalised map is >= this (Choe et al.'s default 0.7)."""
+    spg_thresholds: list[float] = field(default_factory=lambda: [0.7, 0.01, 0.5, 0.05, 0.7, 0.1])
+    """SPG (``arch: spg``): (high, low) pairs of the B2, B1 and C guidance masks (Choe et al.'s defaults)."""
+    adl_drop_rate: float = 0.75
+    """ADL (``arch: adl``): probability of applying the drop mask instead of the importance map (Choe & Shim: 0.75)."""
+    adl_gamma: float = 0.9
+    """ADL: drop where attention >= gamma x its maximum (Choe et al.'s default 0.9)."""
+    cutmix_beta: float = 1.0
+    """CutMix (``arch: cutmix``): Beta(beta, beta) law of the kept area (Yun et al.: 1.0)."""
+    cutmix_prob: float = 1.0
+    """CutMix: probability that a batch is mixed (Choe et al.'s WSOL setting: 1.0)."""
 
 
 @dataclass
@@ -246,7 +262,7 @@ class Config:
 _CHOICES = {
     "data.backend": ("auto", "dali", "torch"),
     "data.on_corrupt": ("fail", "skip"),
-    "model.arch": ("cstn", "cam"),
+    "model.arch": ("cstn", "cam", "has", "acol", "spg", "adl", "cutmix"),
     "model.head": ("cstn", "conv"),
     "model.head_impl": ("fast", "reference", "im2col", "deform", "project"),
     "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),

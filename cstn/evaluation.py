@@ -66,13 +66,14 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         log_every: rank 0 prints a progress line (img/s, ETA) every this many batches (0 = never).
     """
     from cstn.boxes import predict
+    from cstn.models import is_cam_family
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, cam_boxes, wsol_resize_boxes
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     size = cfg.data.image_size
-    is_cam = cfg.model.arch == "cam"
+    is_cam = is_cam_family(cfg.model.arch)
     loc = LocalizationEvaluator.from_config(cfg)
     maxbox = MaxBoxAccEvaluator.from_config(cfg) if is_cam else None
     viz: dict[str, list] = {"images": [], "gt": [], "ref": [], "pred": [], "titles": []}

@@ -10,7 +10,9 @@
   batch mean; zero with a single level.
 
 Everything is computed in float32 (float64 for a float64 model) with autocast disabled. For the
-CAM baseline the loss is plain cross-entropy and the two regularisers are zero.
+CAM family the loss is cross-entropy (label-mixed for CutMix) plus the method's own terms
+(``ModelOutput.aux_losses``: ACoL's second classifier, SPG's guidance), and the two
+regularisers are zero.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def compute_loss(output: ModelOutput, labels: torch.Tensor, cfg) -> dict[str, to
         cfg: a :class:`cstn.config.LossConfig` (``theta_lambda``, ``theta_reduction``, ``scale_alpha``).
     Returns:
         ``loss`` (total, scalar with gradient) and the unweighted terms ``cls``, ``theta``,
-        ``scale`` (scalars; ``theta``/``scale`` are zero for CAM and for the plain-conv head).
+        ``scale`` (scalars; ``theta``/``scale`` are zero for the CAM family and for the plain-conv
+        head), plus each of ``output.aux_losses`` under its own name.
     """
     labels = labels.to(output.logits.device).long().reshape(-1)
     if labels.shape[0] != output.logits.shape[0]:
@@ -83,8 +86,13 @@ def compute_loss(output: ModelOutput, labels: torch.Tensor, cfg) -> dict[str, to
                          f"got {labels.min().item()}..{labels.max().item()}")
     cls = classification_loss(output.logits, labels)
     if output.kind == "cam":
+        if output.mix is not None:  # CutMix: labels mixed by the pasted area
+            perm, lam = output.mix
+            cls = lam * cls + (1.0 - lam) * classification_loss(output.logits, labels[perm.to(labels.device)])
         zero = cls.new_zeros(())
-        return {"loss": cls, "cls": cls, "theta": zero, "scale": zero}
+        aux = {name: term.float() for name, term in output.aux_losses.items()}
+        total = cls + sum(aux.values()) if aux else cls
+        return {"loss": total, "cls": cls, "theta": zero, "scale": zero, **aux}
     if output.kind != "cstn":
         raise ValueError(f"unknown model output kind {output.kind!r}")
     theta = theta_loss(output.theta, cfg.theta_reduction)

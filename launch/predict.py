@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from cstn.boxes import predict
     from cstn.evaluation import normalised_class_maps
     from cstn.metrics import cam_boxes
-    from cstn.models import build_model
+    from cstn.models import build_model, is_cam_family
 
     model = build_model(cfg)
     try:
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             output = model(images)
         wh = torch.tensor([[rgb.shape[1], rgb.shape[0]] for _, rgb in originals], dtype=torch.float64)
-        if cfg.model.arch == "cam":
+        if is_cam_family(cfg.model.arch):
             probs = output.logits.float().softmax(1)
             scores, classes = probs.topk(min(5, probs.shape[1]), dim=1)
             maps = normalised_class_maps(output.cams, classes[:, 0], size).numpy()

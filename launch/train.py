@@ -1,4 +1,4 @@
-"""Train a CSTN (or CAM) model: ``deepspeed [--num_gpus N] [--hostfile H] launch/train.py --config X.yaml``.
+"""Train a CSTN (or CAM, HaS, ACoL, SPG, ADL, CutMix) model: ``deepspeed [--num_gpus N] [--hostfile H] launch/train.py --config X.yaml``.
 
 Data-parallel over every rank DeepSpeed starts (one node or many), ZeRO 0/1/2 and
 bf16/fp16 on GPUs, fp32 on CPUs. Rank 0 prints progress and talks to MLflow; every
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         for batch in batches:
             progress.data_ready()
             batch = batch.to(device)
-            output = engine(batch.images)
+            output = engine(batch.images, labels=batch.labels)  # ACoL and SPG use them in training
             losses = compute_loss(output, batch.labels, cfg.loss)
             if not all_finite(losses["loss"]):
                 if main_rank:

@@ -86,3 +86,19 @@ def test_schedules():
     assert f[4] == 1.0 and abs(f[9] - 0.5) < 1e-12 and all(a >= b for a, b in zip(f[4:], f[5:]))
     cfg = load_config(None, ["optim.schedule=step", "optim.step_epochs=[1, 2]", "optim.gamma=0.1"])
     assert [lr_factor(s, cfg, 30, 10) for s in (0, 9, 10, 19, 20, 29)] == pytest.approx([1, 1, .1, .1, .01, .01])
+
+
+def test_checkpoint_older_than_a_model_field_is_compared_with_its_default(tmp_path):
+    """A checkpoint whose config predates a field (here ``model.acol_threshold``) was made with its default."""
+    import json
+
+    cfg = load_config(None, [f"train.out_dir={tmp_path}"])
+    tag = fake_checkpoint(ck.checkpoint_dir(cfg), 3, cfg)
+    meta = ck.read_meta(tag)
+    del meta["model_config"]["acol_threshold"]
+    meta["config_hash"] = "from an older version"
+    (tag / "meta.json").write_text(json.dumps(meta))
+    ck.check_compatible(cfg, ck.read_meta(tag), str(tag))  # default value: accepted
+    changed = load_config(None, [f"train.out_dir={tmp_path}", "model.acol_threshold=0.5"])
+    with pytest.raises(ck.CheckpointMismatch, match="model.acol_threshold: checkpoint 0.7 vs config 0.5"):
+        ck.check_compatible(changed, ck.read_meta(tag), str(tag))

@@ -9,6 +9,8 @@ Unlike the CSTN model there is no extra conv layer and no FPN.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -36,7 +38,8 @@ class CAMModel(nn.Module):
     def check_image_size(self, image_size: int) -> None:
         """Any input of at least one pixel gives a map; nothing to check."""
 
-    def forward(self, images: torch.Tensor) -> ModelOutput:
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        """``labels`` is accepted (and unused) so every model takes the trainer's call."""
         x = self.normaliser(images, like=self.backbone.conv1.weight)
         _, c5 = self.backbone(x)
         maps = self.classifier(c5)

@@ -91,7 +91,8 @@ class CSTNModel(nn.Module):
                     f"model.kernel_sizes/paddings: P{level} is {side}x{side} at data.image_size={image_size}, "
                     f"too small for a {k}x{k} window with padding {p}")
 
-    def forward(self, images: torch.Tensor) -> ModelOutput:
+    def forward(self, images: torch.Tensor, labels=None) -> ModelOutput:
+        """``labels`` is accepted (and unused) so every model takes the trainer's call."""
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         x = self.normaliser(images, like=self.backbone.conv1.weight)
         pyramid = self.neck(*self.backbone(x))

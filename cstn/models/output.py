@@ -8,7 +8,7 @@ with autocast disabled, whatever precision the network ran in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -60,7 +60,11 @@ class ModelOutput:
     ``kind == "cam"`` (class activation maps):
         logits: (B, C) float32 class scores (global average of the maps).
         cams: (B, C, h, w) float32 class activation maps (the 1x1 class conv before pooling).
-    Fields a family does not produce are None.
+        aux_losses: training-only extra loss terms of the comparison methods (ACoL's second
+            classifier, SPG's guidance terms), name -> scalar, added to the loss as they are.
+        mix: CutMix in training: ``(perm (B,) int64, lam float)``; the loss is
+            ``lam CE(y) + (1 - lam) CE(y[perm])``.
+    Fields a family does not produce are None (empty for ``aux_losses``).
     """
 
     kind: str
@@ -71,6 +75,8 @@ class ModelOutput:
     level: Optional[torch.Tensor] = None
     grids: tuple = ()
     cams: Optional[torch.Tensor] = None
+    aux_losses: dict = field(default_factory=dict)
+    mix: Optional[tuple] = None
 
     def joint_log_probs(self) -> torch.Tensor:
         """(B, C, L) ``log p(c, l, s)``; only for ``kind == "cstn"``."""
