@@ -71,11 +71,15 @@ def _has_gpu() -> bool:
         return False
 
 
-def make_data(out: Path, size: dict, seed: int) -> tuple[Path, Path]:
+def make_data(out: Path, size: dict, seed: int, body_evidence: float | None = None) -> tuple[Path, Path]:
+    """Generate (once) the train/test set and the held-out set under ``out/data`` and shard them.
+    ``body_evidence`` (None: the generator's default) is the class tint of the object's body."""
     data = out / "data"
     raw, heldout_raw = data / "raw", data / "heldout_raw"
     shards, heldout = data / "shards", data / "heldout_shards"
     common = ["--image-size", str(size["image_size"])]
+    if body_evidence is not None:
+        common += ["--body-evidence", str(body_evidence)]
     if not (raw / "images.txt").is_file():
         sh([PY, "-m", "pipeline.sources.synthetic", "--out", str(raw), "--num-train", str(size["num_train"]),
             "--num-test", str(size["num_test"]), "--seed", str(seed), *common])
@@ -166,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
     p.add_argument("--methods", nargs="*", default=[], choices=[*METHOD_TITLES, "all"],
                    help="comparison methods to add to the table (configs/synthetic_<method>.yaml); 'all' for every one")
+    p.add_argument("--body-evidence", type=float, default=None,
+                   help="class tint of the object's body in the generated data (default: the generator's 0.08)")
     args = p.parse_args(argv)
     if "all" in args.methods:
         args.methods = list(METHOD_TITLES)
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    shards, heldout = make_data(out, size, args.seed)
+    shards, heldout = make_data(out, size, args.seed, args.body_evidence)
     overrides = [*size["overrides"], f"train.seed={args.seed}"]
 
     train("configs/synthetic_cstn.yaml", "cstn", out, shards, overrides)

@@ -9,6 +9,8 @@ sweep      variants
 head       ``cstn`` (base) vs ``conv_head`` (Table II)
 levels     ``level4_only``, ``level5_only`` vs the base's P4+P5 (Fig. 6)
 lambda     ``lambda_0``, ``lambda_1e5``, base (1e-4), ``lambda_1e3``, ``lambda_1e2`` (Table III)
+probes     ``probe_alpha5`` (the paper's level hinge), ``probe_theta_lr1`` (theta layers at the
+           full rate), ``probe_k5`` (80 px windows on P4): why the transform does not help here
 =========  ===========================================================================
 
 With and without transform (Table I) is an evaluation switch: every row carries both
@@ -39,6 +41,7 @@ SWEEPS = {
     "head": ["base", "conv_head"],
     "levels": ["base", "level4_only", "level5_only"],
     "lambda": ["lambda_0", "lambda_1e5", "base", "lambda_1e3", "lambda_1e2"],
+    "probes": ["base", "probe_alpha5", "probe_theta_lr1", "probe_k5"],
 }
 COLUMNS = ["top1_cls", "top1_loc", "gt_known_loc", "gt_known_loc_ref", "gt_known_top5_loc",
            "gt_known_loc_small", "gt_known_loc_middle", "gt_known_loc_large"]
