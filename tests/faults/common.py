@@ -91,6 +91,14 @@ class Job:
         self._reader.join(timeout=10)
         return code
 
+    def kill_rank(self, pid: int, timeout: float) -> tuple[int, float]:
+        """SIGKILL rank process ``pid``; wait up to ``timeout`` s for the whole job to end.
+        Returns the job's exit code and the seconds it took to end after the kill."""
+        killed_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+        code = self.wait(timeout=timeout)
+        return code, time.time() - killed_at
+
     def launcher(self) -> psutil.Process:
         """The ``deepspeed.launcher.launch`` process (the runner's child) that starts and watches the ranks."""
         deadline = time.time() + 60

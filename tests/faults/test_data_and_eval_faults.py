@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -131,10 +129,7 @@ def test_evaluation_killed_and_rerun(tiny_shards, reference, tmp_path):
     try:
         pid = int(job.wait_for(r"FAULT-PAUSE eval_outputs rank=0 pid=(\d+)").group(1))
         assert (out / "predictions.csv").is_file()
-        killed_at = time.time()
-        os.kill(pid, signal.SIGKILL)
-        code = job.wait(timeout=EXIT_BOUND_S + 30)
-        elapsed = time.time() - killed_at
+        code, elapsed = job.kill_rank(pid, timeout=EXIT_BOUND_S + 30)
     finally:
         job.kill()
     assert code != 0 and elapsed < EXIT_BOUND_S, (code, elapsed)
