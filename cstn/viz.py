@@ -201,6 +201,36 @@ def plot_size_bars(metrics: Mapping[str, float], path_png: str | Path, path_csv:
     return path_png
 
 
+def plot_mean_sd_bars(rows: Sequence[Mapping[str, Any]], label_key: str, keys: Sequence[str], path_png: str | Path,
+                      title: str = "") -> Path:
+    """Grouped bars of ``row[key]`` with ``row[key + "_sd"]`` error bars, one group per row (a method or an
+    ablation variant, named by ``row[label_key]``), one bar per key present. Values in percent."""
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not rows or not present:
+        raise ValueError(f"no row holds any of {list(keys)}")
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(rows) * max(1, len(present)) / 2, 3.8))
+    x = np.arange(len(rows))
+    width = 0.8 / len(present)
+    cmap = plt.get_cmap("tab10")
+    for i, key in enumerate(present):
+        values = [float(r.get(key, np.nan)) for r in rows]
+        errors = [float(r.get(key + "_sd", 0.0)) for r in rows]
+        ax.bar(x - 0.4 + width * (i + 0.5), values, width=width, yerr=errors, capsize=2, color=cmap(i % 10), label=key)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r[label_key]) for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% (mean ± sd over seeds)")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path_png = Path(path_png)
+    path_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return path_png
+
+
 def _finite(value) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 

@@ -3,7 +3,8 @@
 Reads the ``results.json`` of several demo runs (``launch/demo.py --seed S --methods all
 --out runs/demo_seedS``: CSTN, CSTN without transform, CAM and the comparison methods HaS, ACoL,
 SPG, ADL and CutMix on the synthetic set), and prints and writes the mean and standard deviation
-of each metric per method over the runs (``--out``, default ``runs/compare/results.json``).
+of each metric per method over the runs (``--out``, default ``runs/compare/results.json``, and a
+bar chart with the spread beside it, ``results.png``).
 A method missing from some run is averaged over the runs that have it, and its seed count says so.
 """
 
@@ -14,6 +15,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from cstn.viz import plot_mean_sd_bars
 
 METRICS = [("top1_cls", "Top-1 Class"), ("top1_loc", "Top-1 Loc"), ("gt_known_loc", "GT-Known Loc"),
            ("MaxBoxAccV2", "MaxBoxAccV2")]
@@ -60,7 +63,9 @@ def main(argv=None) -> int:
     for r in rows:
         cells = (f"{r[k]:.1f} ± {r[k + '_sd']:.1f}" if k in r else "-" for k, _ in METRICS)
         print("  " + r["method"].ljust(width) + f"  {r['runs']:>4}" + "".join(f"  {c:>14}" for c in cells))
-    print(f"wrote {out}")
+    plot = plot_mean_sd_bars(rows, "method", [k for k, _ in METRICS[1:]], out.with_suffix(".png"),
+                             title=f"synthetic set, IoU 0.5, {len(args.runs)} run(s)")
+    print(f"wrote {out} and {plot}")
     return 0
 
 

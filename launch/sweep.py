@@ -17,7 +17,8 @@ With and without transform (Table I) is an evaluation switch: every row carries 
 (``*_ref``: the same scores and locations with the reference boxes). Every variant and seed
 is trained (2 DeepSpeed ranks) and evaluated (2 ranks) on the demo's data (made when
 missing), logged into one MLflow store ``<out>/mlflow.db``, and summarised as mean and
-standard deviation over the seeds in ``<out>/results.json`` and a printed table. Finished
+standard deviation over the seeds in ``<out>/results.json`` (and ``results_<sweep>.json``, kept when
+another sweep kind runs into the same directory), a bar chart ``results_<sweep>.png`` and a printed table. Finished
 runs are skipped, so an interrupted sweep continues where it stopped.
 """
 
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
                 row[key] = round(statistics.mean(values), 2)
                 row[key + "_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
         rows.append(row)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        for name_ in ("results.json", f"results_{args.sweep}.json"):  # the latest sweep, and per sweep kind
+            (out / name_).write_text(json.dumps(rows, indent=2))
 
     print(f"\nSweep on the synthetic set, test split, IoU 0.5, seeds {args.seeds} "
           f"({time.time() - t0:.0f}s):")
@@ -99,6 +101,12 @@ def main(argv=None) -> int:
     for r in rows:
         cells = (f"{r[c]:.1f} ± {r[c + '_sd']:.1f}" if c in r else "-" for c in COLUMNS)
         print("  " + r["variant"].ljust(14) + "".join(f"{c:>22}" for c in cells))
+    if rows:
+        from cstn.viz import plot_mean_sd_bars
+
+        plot_mean_sd_bars(rows, "variant", ["gt_known_loc", "gt_known_loc_ref", "gt_known_loc_small",
+                                            "gt_known_loc_large"], out / f"results_{args.sweep}.png",
+                          title=f"sweep {args.sweep}, seeds {args.seeds}")
     print(f"\nwrote {out / 'results.json'}; MLflow: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}")
     return 0
 

@@ -47,6 +47,8 @@ def test_tiny_sweep_collects_every_variant(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["variant"] for r in rows] == ["base", "conv_head"]
+    assert json.loads((tmp_path / "results_head.json").read_text()) == rows
+    assert (tmp_path / "results_head.png").stat().st_size > 1000
     for r in rows:
         assert 0 <= r["gt_known_loc"] <= 100 and r["gt_known_loc_sd"] == 0.0 and r["seeds"] == [0]
     # the plain conv head learns no transform: its boxes are the reference boxes
@@ -73,6 +75,7 @@ def test_compare_averages_each_method_over_runs(tmp_path):
         runs.append(str(run))
     out = tmp_path / "agg.json"
     assert compare.main([*runs, "--out", str(out)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 1000  # the bar chart
     agg = {r["method"]: r for r in json.loads(out.read_text())}
     assert agg["CAM"]["top1_loc"] == 52.0 and agg["CAM"]["top1_loc_sd"] == 2.83 and agg["CAM"]["runs"] == 2
     assert agg["CAM"]["MaxBoxAccV2"] == 62.0
