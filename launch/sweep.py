@@ -45,7 +45,19 @@ SWEEPS = {
     "probes": ["base", "probe_alpha5", "probe_theta_lr1", "probe_k5"],
 }
 COLUMNS = ["top1_cls", "top1_loc", "gt_known_loc", "gt_known_loc_ref", "gt_known_top5_loc",
-           "gt_known_loc_small", "gt_known_loc_middle", "gt_known_loc_large"]
+           "gt_known_loc_small", "gt_known_loc_middle", "gt_known_loc_large", "p5_share"]
+
+
+def level_shares(predictions_csv: Path) -> dict:
+    """``p5_share``: percent of test images whose ground-truth-class MAP location lies on P5 (the
+    coarse level), from the evaluator's ``predictions.csv``; empty when the run has no level column."""
+    import csv
+
+    with open(predictions_csv, newline="") as f:
+        levels = [row["gt_known_level"] for row in csv.DictReader(f) if row.get("gt_known_level") not in (None, "")]
+    if not levels:
+        return {}
+    return {"p5_share": 100.0 * sum(int(float(v)) == 5 for v in levels) / len(levels)}
 
 
 def variant_overrides(name: str) -> list[str]:
@@ -84,7 +96,8 @@ def main(argv=None) -> int:
             overrides = [*size["overrides"], *variant_overrides(name), f"train.seed={seed}",
                          "log.experiment=sweep"]
             demo.train(BASE, run, out, shards, overrides)
-            per_seed.append(demo.evaluate(BASE, run, out, shards, overrides, "test"))
+            metrics = demo.evaluate(BASE, run, out, shards, overrides, "test")
+            per_seed.append({**metrics, **level_shares(out / run / "eval_test" / "predictions.csv")})
         row = {"variant": name, "seeds": args.seeds}
         for key in COLUMNS:
             values = [m[key] for m in per_seed if key in m]

@@ -51,6 +51,7 @@ def test_tiny_sweep_collects_every_variant(tmp_path):
     assert (tmp_path / "results_head.png").stat().st_size > 1000
     for r in rows:
         assert 0 <= r["gt_known_loc"] <= 100 and r["gt_known_loc_sd"] == 0.0 and r["seeds"] == [0]
+        assert 0 <= r["p5_share"] <= 100  # where the MAP choice lands (the level diagnostic)
     # the plain conv head learns no transform: its boxes are the reference boxes
     assert rows[1]["gt_known_loc"] == rows[1]["gt_known_loc_ref"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
