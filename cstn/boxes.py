@@ -74,7 +74,7 @@ def _pick(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(output: ModelOutput, labels: Optional[torch.Tensor] = None, topk: int = 5,
-            use_transform: bool = True) -> Predictions:
+            use_transform: bool = True, level_choice: str = "joint") -> Predictions:
     """Decode a batch's :class:`ModelOutput` (see :class:`Predictions` for the fields).
 
     Args:
@@ -83,9 +83,15 @@ def predict(output: ModelOutput, labels: Optional[torch.Tensor] = None, topk: in
         topk: number of classes and of per-class boxes (clamped to C and L).
         use_transform: False swaps each selected location's transformed box for its reference
             window (Table I), with the same scores and locations.
+        level_choice: ``"joint"`` (the paper): the top-1 location maximises ``p(c, l, s)`` over all
+            levels. ``"level_first"``: the level maximising its mass ``sum_l p(c, l, s)`` is chosen
+            first, then the most probable location within it (a level with more locations no longer
+            wins by holding more candidates). Top-k boxes keep the joint order either way.
     """
     if topk < 1:
         raise ValueError(f"topk={topk} must be >= 1")
+    if level_choice not in ("joint", "level_first"):
+        raise ValueError(f"eval.level_choice={level_choice!r} must be 'joint' or 'level_first'")
     class_probs = output.class_log_probs().exp()
     num_classes = class_probs.shape[1]
     topk_scores, topk_classes = class_probs.topk(min(topk, num_classes), dim=1)
@@ -108,9 +114,18 @@ def predict(output: ModelOutput, labels: Optional[torch.Tensor] = None, topk: in
     def class_row(classes: torch.Tensor) -> torch.Tensor:             # (B,) -> (B, L) log p(c, l, s)
         return torch.gather(joint, 1, classes[:, None, None].expand(-1, 1, joint.shape[2]))[:, 0]
 
+    def best_location(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, L) -> log p, index
+        if level_choice == "joint":
+            return row.max(dim=1)
+        levels = torch.unique(level)
+        mass = torch.stack([torch.logsumexp(row[:, level == s], dim=1) for s in levels], dim=1)  # (B, S)
+        chosen = levels[mass.argmax(dim=1)]                                                       # (B,)
+        masked = row.masked_fill(level[None, :] != chosen[:, None], float("-inf"))
+        return masked.max(dim=1)
+
     top1_class = topk_classes[:, 0]
     row = class_row(top1_class)
-    top1_log_score, top1_location = row.max(dim=1)
+    top1_log_score, top1_location = best_location(row)
     preds = Predictions(
         topk_classes=topk_classes, topk_scores=topk_scores.float(),
         top1_box=_pick(boxes, top1_location), top1_ref_box=_pick(refs, top1_location),
@@ -119,7 +134,7 @@ def predict(output: ModelOutput, labels: Optional[torch.Tensor] = None, topk: in
     if labels is not None:
         row = class_row(labels)
         _, order = row.topk(min(topk, row.shape[1]), dim=1)           # (B, m), best first
-        location = order[:, 0]
+        location = best_location(row)[1]
         preds.gt_known_box = _pick(boxes, location)
         preds.gt_known_ref_box = _pick(refs, location)
         preds.gt_known_location = location

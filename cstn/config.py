@@ -201,6 +201,8 @@ class TrainConfig:
 class EvalConfig:
     use_transform: bool = True
     """Use transformed boxes; ``false`` swaps in the reference box of the same location (Table I)."""
+    level_choice: str = "joint"
+    """How the top-1 box picks its location: ``joint`` (the paper's MAP over all levels' locations) or ``level_first`` (the level of largest mass ``sum_l p(c, l, s)`` first, then the MAP location in it). Top-k boxes keep the joint order."""
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     """IoU thresholds every Loc figure is reported at."""
     topk: int = 5
@@ -267,6 +269,7 @@ _CHOICES = {
     "model.head_impl": ("fast", "reference", "im2col", "deform", "project"),
     "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
     "loss.theta_reduction": ("sum", "mean"),
+    "eval.level_choice": ("joint", "level_first"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),

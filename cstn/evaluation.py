@@ -109,7 +109,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
             known_topk = known[:, None, :]
             levels = known_levels = None
         else:
-            pred = predict(output, labels=batch.labels, topk=k, use_transform=cfg.eval.use_transform)
+            pred = predict(output, labels=batch.labels, topk=k, use_transform=cfg.eval.use_transform,
+                           level_choice=cfg.eval.level_choice)
             topk_classes, topk_scores = pred.topk_classes, pred.topk_scores
             top1, known, known_topk = pred.top1_box, pred.gt_known_box, pred.gt_known_topk_boxes
             ref_top1, ref_known = pred.top1_ref_box, pred.gt_known_ref_box

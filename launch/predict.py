@@ -104,7 +104,8 @@ def main(argv=None) -> int:
             box = torch.tensor(np.stack([cam_boxes(m, cfg.eval.cam_fixed_threshold)[0] for m in maps]))
             ref, level = box, [None] * len(originals)
         else:
-            pred = predict(output, topk=5, use_transform=cfg.eval.use_transform)
+            pred = predict(output, topk=5, use_transform=cfg.eval.use_transform,
+                           level_choice=cfg.eval.level_choice)
             scores, classes, box, ref = pred.topk_scores, pred.topk_classes, pred.top1_box, pred.top1_ref_box
             level = pred.top1_level.tolist()
         box = boxes_to_original(box.double()[:, None], wh[:, 0], wh[:, 1], size)[:, 0]

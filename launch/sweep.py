@@ -7,7 +7,9 @@ Variants (each an overriding YAML in ``configs/ablations/`` on top of
 sweep      variants
 =========  ===========================================================================
 head       ``cstn`` (base) vs ``conv_head`` (Table II)
-levels     ``level4_only``, ``level5_only`` vs the base's P4+P5 (Fig. 6)
+levels     ``level4_only``, ``level5_only`` vs the base's P4+P5 (Fig. 6), and ``level_first``: the
+           base's runs with the top-1 level chosen by its mass before the location
+           (``eval.level_choice``, an evaluation switch: no extra training)
 lambda     ``lambda_0``, ``lambda_1e5``, base (1e-4), ``lambda_1e3``, ``lambda_1e2`` (Table III)
 probes     ``probe_alpha5`` (the paper's level hinge), ``probe_theta_lr1`` (theta layers at the
            full rate), ``probe_k5`` (80 px windows on P4): why the transform does not help here
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = "configs/synthetic_cstn.yaml"
 SWEEPS = {
     "head": ["base", "conv_head"],
-    "levels": ["base", "level4_only", "level5_only"],
+    "levels": ["base", "level4_only", "level5_only", "level_first"],
     "lambda": ["lambda_0", "lambda_1e5", "base", "lambda_1e3", "lambda_1e2"],
     "probes": ["base", "probe_alpha5", "probe_theta_lr1", "probe_k5"],
 }
@@ -92,12 +94,16 @@ def main(argv=None) -> int:
     for name in names:
         per_seed = []
         for seed in args.seeds:
-            run = f"{name}_seed{seed}"
-            overrides = [*size["overrides"], *variant_overrides(name), f"train.seed={seed}",
-                         "log.experiment=sweep"]
+            changes = variant_overrides(name)
+            common = [*size["overrides"], f"train.seed={seed}", "log.experiment=sweep"]
+            if changes and all(c.startswith("eval.") for c in changes):
+                # an evaluation switch: the base's trained run, evaluated once more with the switch
+                run, overrides, eval_name = f"base_seed{seed}", common, f"test_{name}"
+            else:
+                run, overrides, eval_name, changes = f"{name}_seed{seed}", [*common, *changes], "test", []
             demo.train(BASE, run, out, shards, overrides)
-            metrics = demo.evaluate(BASE, run, out, shards, overrides, "test")
-            per_seed.append({**metrics, **level_shares(out / run / "eval_test" / "predictions.csv")})
+            metrics = demo.evaluate(BASE, run, out, shards, overrides, eval_name, extra=changes)
+            per_seed.append({**metrics, **level_shares(out / run / f"eval_{eval_name}" / "predictions.csv")})
         row = {"variant": name, "seeds": args.seeds}
         for key in COLUMNS:
             values = [m[key] for m in per_seed if key in m]

@@ -149,3 +149,21 @@ def test_predict_cam_gives_classes_scores_and_maps():
     assert preds.cams is cams and preds.top1_box is None
     moved = preds.to("cpu")
     assert isinstance(moved, Predictions) and moved.top1_box is None
+
+
+def test_level_first_picks_the_level_of_largest_mass_then_its_best_location():
+    # one class; P4 (4 locations) holds the single most probable location but little mass,
+    # P5 (2 locations) most of the mass: joint MAP -> P4 location 0, level first -> P5 location 5
+    probs = torch.tensor([[[0.34, 0.01, 0.01, 0.01, 0.30, 0.33]]])
+    out = make_output(probs.log(), grids=((4, 2, 2), (5, 1, 2)))
+    labels = torch.tensor([0])
+    joint = predict(out, labels=labels, topk=2)
+    first = predict(out, labels=labels, topk=2, level_choice="level_first")
+    assert joint.top1_location.tolist() == [0] and joint.top1_level.tolist() == [4]
+    assert first.top1_location.tolist() == [5] and first.top1_level.tolist() == [5]
+    assert first.gt_known_location.tolist() == [5] and first.gt_known_level.tolist() == [5]
+    assert first.top1_box.tolist() == [[5.0, 0.0, 15.0, 10.0]]
+    assert first.top1_score.item() == pytest.approx(0.33, rel=1e-5)
+    assert torch.equal(first.gt_known_topk_boxes, joint.gt_known_topk_boxes)  # top-k keeps the joint order
+    with pytest.raises(ValueError, match="eval.level_choice"):
+        predict(out, level_choice="best")
