@@ -11,8 +11,8 @@ What differs is training only:
 ``acol``    ACoL (Zhang et al., CVPR 2018): classifier A on the features; the features where A's map
             of the true class (min-max normalised per image) is >= ``acol_threshold`` are erased
             and classifier B learns from the rest. Loss CE(A) + CE(B); the evaluated map is the
-            element-wise max of both branches' maps (B erases with the top-1 class at inference);
-            class scores are A's.
+            element-wise max of both branches' min-max normalised maps (B erases with the top-1
+            class at inference); class scores are A's.
 ``spg``     SPG (Zhang et al., ECCV 2018): self-produced guidance. The classifier's normalised map
             of the true class gives a mask (foreground >= high, background < low, the rest ignored)
             that supervises side branch B2 on ``layer3``; B2's own map guides B1 (``layer3``), and
@@ -280,7 +280,8 @@ class ACoLModel(CAMModel):
         if self.training:
             logits_b = maps_b.float().mean(dim=(2, 3))
             return _cam_output(maps_a, aux_losses={"acol_b": F.cross_entropy(logits_b, guide)})
-        return _cam_output(torch.maximum(maps_a, maps_b), score_maps=maps_a)  # classifier A scores
+        # each branch's maps min-max normalised before the max, so neither branch's scale dominates
+        return _cam_output(torch.maximum(normalise_maps(maps_a), normalise_maps(maps_b)), score_maps=maps_a)
 
 
 class SPGModel(CAMModel):
