@@ -95,12 +95,13 @@ def main(argv=None) -> int:
         per_seed = []
         for seed in args.seeds:
             changes = variant_overrides(name)
-            common = [*size["overrides"], f"train.seed={seed}", "log.experiment=sweep"]
+            seeded = [f"train.seed={seed}", "log.experiment=sweep"]
             if changes and all(c.startswith("eval.") for c in changes):
                 # an evaluation switch: the base's trained run, evaluated once more with the switch
-                run, overrides, eval_name = f"base_seed{seed}", common, f"test_{name}"
+                run, overrides, eval_name = f"base_seed{seed}", [*size["overrides"], *seeded], f"test_{name}"
             else:
-                run, overrides, eval_name, changes = f"{name}_seed{seed}", [*common, *changes], "test", []
+                run, eval_name = f"{name}_seed{seed}", "test"
+                overrides, changes = [*size["overrides"], *changes, *seeded], []
             demo.train(BASE, run, out, shards, overrides)
             metrics = demo.evaluate(BASE, run, out, shards, overrides, eval_name, extra=changes)
             per_seed.append({**metrics, **level_shares(out / run / f"eval_{eval_name}" / "predictions.csv")})
