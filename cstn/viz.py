@@ -187,14 +187,7 @@ def plot_size_bars(metrics: Mapping[str, float], path_png: str | Path, path_csv:
     ax.set_ylim(0, 100)
     ax.set_ylabel("%")
     ax.set_xlabel("object size third (ground-truth box area)")
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path_png = Path(path_png)
-    path_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path_png, dpi=110)
-    plt.close(fig)
+    path_png = _finish_bar_chart(fig, ax, title, path_png)
     if path_csv is not None:
         write_rows_csv([{"metric": name, "size": size, "value": v}
                         for name, values in series for size, v in zip(SIZE_GROUPS, values)], path_csv)
@@ -220,6 +213,12 @@ def plot_mean_sd_bars(rows: Sequence[Mapping[str, Any]], label_key: str, keys: S
     ax.set_xticklabels([str(r[label_key]) for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 100)
     ax.set_ylabel("% (mean ± sd over seeds)")
+    path_png = _finish_bar_chart(fig, ax, title, path_png)
+    return path_png
+
+
+def _finish_bar_chart(fig, ax, title: str, path_png: str | Path) -> Path:
+    """Legend, optional title, tight layout; save as PNG (parents created) and close the figure."""
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
