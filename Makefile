@@ -25,14 +25,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/demo.py
 
-# The paper's comparison methods (HaS, ACoL, SPG, ADL, CutMix) beside CSTN and CAM, 3 seeds (~1.5 h on
-# 2 cores; runs already finished by `make demo`-style calls are reused), then mean and spread.
+# The paper's comparison methods (HaS, ACoL, SPG, ADL, CutMix) beside CSTN and CAM, 3 seeds (about
+# 25 min per seed on 2 cores; runs already finished are reused), then mean and spread.
 SEEDS ?= 0 1 2
 compare: $(STAMP)
 	for s in $(SEEDS); do $(PY) launch/demo.py --seed $$s --out runs/demo_seed$$s --methods all || exit 1; done
 	$(PY) launch/compare.py $(foreach s,$(SEEDS),runs/demo_seed$(s))
 
-# The paper's ablations (head, levels, lambda) over 3 seeds on the demo's data (~1.5 h on 2 cores).
+# The paper's ablations (head, levels, lambda) and the probes over 3 seeds on the demo's data (about
+# 70 min on 2 cores; the data is generated under runs/demo_seed0 when missing).
 sweep: $(STAMP)
 	$(PY) launch/sweep.py --sweep all --seeds $(SEEDS) --data runs/demo_seed0 --out runs/sweep
 
