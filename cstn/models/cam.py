@@ -17,7 +17,16 @@ from torch import nn
 from .backbone import PixelNormaliser, build_trunk
 from .output import ModelOutput
 
-__all__ = ["CAMModel"]
+__all__ = ["CAMModel", "cam_output"]
+
+
+def cam_output(maps: torch.Tensor, score_maps: Optional[torch.Tensor] = None, **extra) -> ModelOutput:
+    """The CAM family's output: ``cams`` = ``maps`` (B, C, h, w), class scores = global mean of
+    ``score_maps`` (default ``maps``), both float32 (float64 for a float64 model); ``extra`` goes to
+    :class:`ModelOutput` (``aux_losses``, ``mix``)."""
+    full = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    score_maps = maps if score_maps is None else score_maps
+    return ModelOutput(kind="cam", logits=score_maps.to(full).mean(dim=(2, 3)), cams=maps.to(full), **extra)
 
 
 class CAMModel(nn.Module):
@@ -38,11 +47,16 @@ class CAMModel(nn.Module):
     def check_image_size(self, image_size: int) -> None:
         """Any input of at least one pixel gives a map; nothing to check."""
 
+    def training_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple]]:
+        """Hook for the input-side methods (HaS, CutMix): the normalised training batch ``x`` as the
+        network should see it, and the label mix for the loss (``ModelOutput.mix``). CAM: unchanged."""
+        return x, None
+
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
         """``labels`` is accepted (and unused) so every model takes the trainer's call."""
         x = self.normaliser(images, like=self.backbone.conv1.weight)
+        mix = None
+        if self.training:
+            x, mix = self.training_inputs(x)
         _, c5 = self.backbone(x)
-        maps = self.classifier(c5)
-        full = torch.float64 if maps.dtype == torch.float64 else torch.float32
-        cams = maps.to(full)
-        return ModelOutput(kind="cam", logits=cams.mean(dim=(2, 3)), cams=cams)
+        return cam_output(self.classifier(c5), mix=mix)

@@ -39,16 +39,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cam import CAMModel
+from .cam import CAMModel, cam_output
 from .output import ModelOutput
 
 __all__ = ["hide_patches", "cutmix_images", "erase_confident", "guidance_mask", "masked_bce", "ADLayer",
            "normalise_maps", "HaSModel", "ACoLModel", "SPGModel", "ADLModel", "CutMixModel", "METHODS"]
 
 
-def _check_fraction(key: str, value: float, low_open: bool = False) -> None:
-    if not (0.0 <= value <= 1.0) or (low_open and value == 0.0):
-        raise ValueError(f"{key}={value} must lie in {'(0' if low_open else '[0'}, 1]")
+def _check_fraction(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key}={value} must lie in [0, 1]")
+
+
+def _check_has(grid: int, hide_prob: float) -> None:
+    if grid < 1:
+        raise ValueError(f"model.has_grid={grid} must be >= 1")
+    _check_fraction("model.has_hide_prob", hide_prob)
+
+
+def _check_cutmix(beta: float, prob: float) -> None:
+    if beta <= 0:
+        raise ValueError(f"model.cutmix_beta={beta} must be > 0")
+    _check_fraction("model.cutmix_prob", prob)
+
+
+def _check_guidance(high: float, low: float) -> None:
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"SPG thresholds need 0 <= low ({low}) <= high ({high}) <= 1 (model.spg_thresholds)")
 
 
 # ---------------------------------------------------------------------------
@@ -68,9 +85,7 @@ def hide_patches(images: torch.Tensor, grid: int, hide_prob: float,
         The images with hidden cells set to 0 (a new tensor), and the (B, grid, grid) bool mask of
         hidden cells.
     """
-    if grid < 1:
-        raise ValueError(f"model.has_grid={grid} must be >= 1")
-    _check_fraction("model.has_hide_prob", hide_prob)
+    _check_has(grid, hide_prob)
     b, _, h, w = images.shape
     hidden = torch.rand((b, grid, grid), generator=generator, device=images.device) < hide_prob
     rows = (torch.arange(h, device=images.device) * grid) // h        # cell row of every pixel row
@@ -92,9 +107,7 @@ def cutmix_images(images: torch.Tensor, beta: float, prob: float):
         computed from the clipped box); ``box`` ``(x0, y0, x1, y1)`` ints, input pixels, exclusive
         ends. When the batch is not mixed: the input itself, None, 1.0 and None.
     """
-    if beta <= 0:
-        raise ValueError(f"model.cutmix_beta={beta} must be > 0")
-    _check_fraction("model.cutmix_prob", prob)
+    _check_cutmix(beta, prob)
     if float(torch.rand(())) >= prob:
         return images, None, 1.0, None
     b, _, h, w = images.shape
@@ -132,8 +145,7 @@ def guidance_mask(attention: torch.Tensor, high: float, low: float) -> tuple[tor
     ignored. An image with no foreground pixel takes its maximum as foreground, so every image gives
     a positive seed. Returns ``(target, valid)``, both (B, 1, h, w) float.
     """
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"SPG thresholds need 0 <= low ({low}) <= high ({high}) <= 1 (model.spg_thresholds)")
+    _check_guidance(high, low)
     foreground = attention >= high
     peak = attention >= attention.amax(dim=(2, 3), keepdim=True)
     foreground = torch.where(foreground.flatten(1).any(1)[:, None, None, None], foreground, peak)
@@ -203,28 +215,16 @@ def _side_branch(in_channels: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _cam_output(maps: torch.Tensor, score_maps: Optional[torch.Tensor] = None, **extra) -> ModelOutput:
-    """CAM-family output: ``cams`` = ``maps``; class scores = global mean of ``score_maps`` (default ``maps``)."""
-    full = torch.float64 if maps.dtype == torch.float64 else torch.float32
-    score_maps = maps if score_maps is None else score_maps
-    return ModelOutput(kind="cam", logits=score_maps.to(full).mean(dim=(2, 3)), cams=maps.to(full), **extra)
-
-
 class HaSModel(CAMModel):
     """CAM trained on inputs with randomly hidden grid cells (``model.has_grid``, ``model.has_hide_prob``)."""
 
     def __init__(self, *, grid: int, hide_prob: float, **cam):
         super().__init__(**cam)
-        if grid < 1:
-            raise ValueError(f"model.has_grid={grid} must be >= 1")
-        _check_fraction("model.has_hide_prob", hide_prob)
+        _check_has(grid, hide_prob)
         self.grid, self.hide_prob = grid, hide_prob
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        x = self.normaliser(images, like=self.backbone.conv1.weight)
-        if self.training:
-            x, _ = hide_patches(x, self.grid, self.hide_prob)
-        return _cam_output(self.classifier(self.backbone(x)[1]))
+    def training_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return hide_patches(x, self.grid, self.hide_prob)[0], None
 
 
 class CutMixModel(CAMModel):
@@ -232,18 +232,12 @@ class CutMixModel(CAMModel):
 
     def __init__(self, *, beta: float, prob: float, **cam):
         super().__init__(**cam)
-        if beta <= 0:
-            raise ValueError(f"model.cutmix_beta={beta} must be > 0")
-        _check_fraction("model.cutmix_prob", prob)
+        _check_cutmix(beta, prob)
         self.beta, self.prob = beta, prob
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        x = self.normaliser(images, like=self.backbone.conv1.weight)
-        mix = None
-        if self.training:
-            x, perm, lam, _ = cutmix_images(x, self.beta, self.prob)
-            mix = None if perm is None else (perm, lam)
-        return _cam_output(self.classifier(self.backbone(x)[1]), mix=mix)
+    def training_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple]]:
+        x, perm, lam, _ = cutmix_images(x, self.beta, self.prob)
+        return x, None if perm is None else (perm, lam)
 
 
 class ADLModel(CAMModel):
@@ -279,9 +273,9 @@ class ACoLModel(CAMModel):
         maps_b = self.classifier_b(erase_confident(features, attention, self.threshold))
         if self.training:
             logits_b = maps_b.float().mean(dim=(2, 3))
-            return _cam_output(maps_a, aux_losses={"acol_b": F.cross_entropy(logits_b, guide)})
+            return cam_output(maps_a, aux_losses={"acol_b": F.cross_entropy(logits_b, guide)})
         # each branch's maps min-max normalised before the max, so neither branch's scale dominates
-        return _cam_output(torch.maximum(normalise_maps(maps_a), normalise_maps(maps_b)), score_maps=maps_a)
+        return cam_output(torch.maximum(normalise_maps(maps_a), normalise_maps(maps_b)), score_maps=maps_a)
 
 
 class SPGModel(CAMModel):
@@ -293,7 +287,7 @@ class SPGModel(CAMModel):
         if len(thresholds) != 6:
             raise ValueError(f"model.spg_thresholds needs 6 values (h1, l1, h2, l2, h3, l3), got {list(thresholds)}")
         for high, low in zip(thresholds[0::2], thresholds[1::2]):
-            guidance_mask(torch.zeros(1, 1, 1, 1), high, low)  # range check with the config key named
+            _check_guidance(high, low)
         self.thresholds = [float(t) for t in thresholds]
         mid, last = self.backbone.channels
         self.branch_b1 = _side_branch(mid, 1)
@@ -305,7 +299,7 @@ class SPGModel(CAMModel):
         c4, c5 = self.backbone(x)
         maps = self.classifier(c5)
         if not self.training:
-            return _cam_output(maps)
+            return cam_output(maps)
         if labels is None:
             raise ValueError("SPG needs the labels in training: call model(images, labels=labels)")
         labels = labels.to(maps.device).long().reshape(-1)
@@ -319,7 +313,7 @@ class SPGModel(CAMModel):
             "spg_b1": masked_bce(b1, *guidance_mask(b2_map, h2, l2)),
             "spg_c": masked_bce(c, *guidance_mask(_resize(fused, c), h3, l3)),
         }
-        return _cam_output(maps, aux_losses=aux)
+        return cam_output(maps, aux_losses=aux)
 
 
 def _resize(maps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
