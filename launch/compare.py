@@ -22,6 +22,18 @@ METRICS = [("top1_cls", "Top-1 Class"), ("top1_loc", "Top-1 Loc"), ("gt_known_lo
            ("MaxBoxAccV2", "MaxBoxAccV2")]
 
 
+def mean_and_spread(samples: list[dict], keys) -> dict:
+    """``<key>`` (mean) and ``<key>_sd`` (sample standard deviation, 0 for one sample), rounded to
+    2 decimals, for each key some sample holds with a value; keys no sample holds are left out."""
+    out = {}
+    for key in keys:
+        values = [float(s[key]) for s in samples if s.get(key) is not None]
+        if values:
+            out[key] = round(statistics.mean(values), 2)
+            out[key + "_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    return out
+
+
 def aggregate(results: list[list[dict]]) -> list[dict]:
     """Rows of several ``results.json`` files -> one row per method (first-seen order) with
     ``<metric>`` (mean), ``<metric>_sd`` (sample standard deviation, 0 for one run) and ``runs``."""
@@ -29,16 +41,8 @@ def aggregate(results: list[list[dict]]) -> list[dict]:
     for rows in results:
         for r in rows:
             by_method.setdefault(r["method"], []).append(r)
-    out = []
-    for method, rows in by_method.items():
-        agg = {"method": method, "runs": len(rows)}
-        for key, _ in METRICS:
-            values = [float(r[key]) for r in rows if r.get(key) is not None]
-            if values:
-                agg[key] = round(statistics.mean(values), 2)
-                agg[key + "_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
-        out.append(agg)
-    return out
+    return [{"method": method, "runs": len(rows), **mean_and_spread(rows, [k for k, _ in METRICS])}
+            for method, rows in by_method.items()]
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402  (the demo's data, train and evaluate steps)
+from compare import mean_and_spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "configs/synthetic_cstn.yaml"
@@ -92,26 +92,22 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = []
     for name in names:
+        changes = variant_overrides(name)
+        # an evaluation switch: the base's trained runs, evaluated once more with the switch
+        eval_only = bool(changes) and all(c.startswith("eval.") for c in changes)
         per_seed = []
         for seed in args.seeds:
-            changes = variant_overrides(name)
             seeded = [f"train.seed={seed}", "log.experiment=sweep"]
-            if changes and all(c.startswith("eval.") for c in changes):
-                # an evaluation switch: the base's trained run, evaluated once more with the switch
-                run, overrides, eval_name = f"base_seed{seed}", [*size["overrides"], *seeded], f"test_{name}"
+            if eval_only:
+                run, eval_name, extra = f"base_seed{seed}", f"test_{name}", changes
+                overrides = [*size["overrides"], *seeded]
             else:
-                run, eval_name = f"{name}_seed{seed}", "test"
-                overrides, changes = [*size["overrides"], *changes, *seeded], []
+                run, eval_name, extra = f"{name}_seed{seed}", "test", []
+                overrides = [*size["overrides"], *changes, *seeded]
             demo.train(BASE, run, out, shards, overrides)
-            metrics = demo.evaluate(BASE, run, out, shards, overrides, eval_name, extra=changes)
+            metrics = demo.evaluate(BASE, run, out, shards, overrides, eval_name, extra=extra)
             per_seed.append({**metrics, **level_shares(out / run / f"eval_{eval_name}" / "predictions.csv")})
-        row = {"variant": name, "seeds": args.seeds}
-        for key in COLUMNS:
-            values = [m[key] for m in per_seed if key in m]
-            if values:
-                row[key] = round(statistics.mean(values), 2)
-                row[key + "_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
-        rows.append(row)
+        rows.append({"variant": name, "seeds": args.seeds, **mean_and_spread(per_seed, COLUMNS)})
         for name_ in ("results.json", f"results_{args.sweep}.json"):  # the latest sweep, and per sweep kind
             (out / name_).write_text(json.dumps(rows, indent=2))
 
