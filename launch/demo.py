@@ -187,14 +187,14 @@ def main(argv=None) -> int:
     cam_tuned, threshold = cam_family("cam", out, shards, heldout, overrides)
     cam_fixed = evaluate("configs/synthetic_cam.yaml", "cam", out, shards, overrides, "test_fixed")
 
-    rows = [row("CSTN", cstn), row("CSTN without transform", cstn, "_ref"),
-            {**row("CAM (threshold from held-out set)", cam_tuned), "cam_threshold": threshold,
-             "MaxBoxAccV2": round(float(cam_tuned["cam_MaxBoxAccV2"]), 2)},
+    def held_out_row(title: str, tuned: dict, threshold: float) -> dict:
+        return {**row(f"{title} (threshold from held-out set)", tuned), "cam_threshold": threshold,
+                "MaxBoxAccV2": round(float(tuned["cam_MaxBoxAccV2"]), 2)}
+
+    rows = [row("CSTN", cstn), row("CSTN without transform", cstn, "_ref"), held_out_row("CAM", cam_tuned, threshold),
             {**row("CAM (fixed threshold)", cam_fixed), "cam_threshold": float(cam_fixed_threshold(out))}]
     for method in args.methods:
-        tuned, threshold = cam_family(method, out, shards, heldout, overrides)
-        rows.append({**row(f"{METHOD_TITLES[method]} (threshold from held-out set)", tuned),
-                     "cam_threshold": threshold, "MaxBoxAccV2": round(float(tuned["cam_MaxBoxAccV2"]), 2)})
+        rows.append(held_out_row(METHOD_TITLES[method], *cam_family(method, out, shards, heldout, overrides)))
     (out / "results.json").write_text(json.dumps(rows, indent=2))
 
     width = max(len(r["method"]) for r in rows)
