@@ -71,6 +71,7 @@ def test_missing_shards_named(trained, tmp_path):
     assert res.returncode == 2 and str(tmp_path / "nowhere" / "test") in res.stderr
 
 
+@pytest.mark.usefixtures("reference")  # the ILSVRC fixture needs the real val geometry (skips when absent)
 def test_split_without_boxes_refused(trained, tmp_path):
     src = make_fixture(tmp_path / "ilsvrc", count=0, xml=False, csv_file=False, train_classes=2, train_per_class=3)
     res = run([sys.executable, "launch/make_shards.py", "--dataset", "ilsvrc", "--root", str(src), "--split", "train",

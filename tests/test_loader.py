@@ -223,6 +223,7 @@ def ilsvrc_shards(tmp_path_factory):
     return work / "shards"
 
 
+@pytest.mark.usefixtures("reference")  # skips where ../shared/data/ilsvrc2012_val_boxes is absent
 def test_backends_agree_on_real_ilsvrc_geometry(ilsvrc_shards):
     cfg = tiny_config(ilsvrc_shards, image_size=96, eval_batch_size=5, eval_split="val")
     runs = {b: collect(L.build_loader(cfg, "val", 0, 1, train=False, backend=b)) for b in BACKENDS}
