@@ -6,6 +6,19 @@ its k most probable locations. ``use_transform=False`` (Table I, "without transf
 same scores and the same selected locations and only swaps in their reference windows: the
 network is never run a second time with identity theta.
 
+Two other decodings of the same output (``eval.box_decoding``):
+
+* ``expected_iou`` (box voting): the chosen location is the one whose box ``b`` maximises
+  ``sum_j p(c, j) IoU(b, b_j)`` over the boxes of every location of every level, i.e. the box
+  with the highest expected IoU against a box drawn from ``p(c, .)``. The MAP box wins when one
+  location holds most of the mass; when many windows agree on an object, the box they overlap most
+  wins. ``*_ref_box`` stays the reference window of the chosen location.
+* ``scoremap``: :func:`window_score_maps` turns the windows into a CAM-like map
+  ``S_c(x) = sum_j p(c, j)^(1/T) [x in box_j]`` that the evaluator thresholds like a CAM (see
+  :mod:`cstn.evaluation`).
+* ``logitmap``: :func:`location_score_maps` reads the class's joint scores on a level's grid as a
+  CAM-like map (values at the window centres, bilinear between them), thresholded the same way.
+
 All boxes are ``xyxy`` in INPUT pixels (the network's square grid); convert them to original
 pixels with ``pipeline.schema.boxes_to_original``. The window geometry lives in
 :mod:`cstn.models.geometry`.
@@ -20,7 +33,7 @@ import torch
 
 from cstn.models.output import ModelOutput
 
-__all__ = ["Predictions", "predict"]
+__all__ = ["Predictions", "predict", "expected_iou_choice", "window_score_maps", "location_score_maps"]
 
 
 @dataclass
@@ -72,9 +85,121 @@ def _pick(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.reshape(*index.shape, values.shape[-1])
 
 
+def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """(B, L, 4) ``xyxy`` boxes -> (B, L, L) IoU of every pair (0 for two empty boxes)."""
+    lo = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    hi = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    inter = (hi - lo).clamp_min(0).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp_min(0).prod(-1)
+    union = area[:, :, None] + area[:, None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
+
+
+def expected_iou_choice(log_probs: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box voting: the location whose box has the highest expected IoU under ``p(c, .)``.
+
+    Args:
+        log_probs: (B, L) ``log p(c, j)`` of one class per image.
+        boxes: (B, L, 4) every location's box.
+    Returns:
+        ``(log p of the chosen location (B,), its index (B,))``. Ties go to the lower index.
+    """
+    weights = (log_probs - log_probs.max(dim=1, keepdim=True).values).exp()       # (B, L), scale-free
+    votes = torch.einsum("bij,bj->bi", pairwise_iou(boxes.double()), weights.double())
+    index = votes.argmax(dim=1)
+    return log_probs.gather(1, index[:, None])[:, 0], index
+
+
+def window_score_maps(log_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
+                      temperature: float = 1.0) -> torch.Tensor:
+    """The windows as a class score map: ``S(x) = sum_j p(c, j)^(1/T) cover_j(x)``, min-max normalised.
+
+    Args:
+        log_probs: (B, L) ``log p(c, j)`` of one class per image.
+        boxes: (B, L, 4) the locations' boxes, ``xyxy`` input pixels.
+        size: ``(H, W)`` of the map (the input grid).
+        temperature: ``T`` (``eval.scoremap_temperature``); 1 weighs each window by its probability,
+            a larger T flattens the weights (the joint softmax is peaked: one window often holds
+            nearly all the mass, and the map is then that window).
+    Returns:
+        (B, H, W) float32 in [0, 1]. ``cover_j(x)`` is the fraction of pixel ``x`` (the square
+        ``[x, x + 1)``) inside box ``j``, so fractional box edges count exactly.
+    """
+    if temperature <= 0:
+        raise ValueError(f"eval.scoremap_temperature={temperature} must be > 0")
+    height, width = size
+    weights = ((log_probs - log_probs.max(dim=1, keepdim=True).values) / temperature).exp().float()   # (B, L)
+    boxes = boxes.float()
+
+    def cover(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:               # (B, L) -> (B, L, n)
+        pixel = torch.arange(n, dtype=torch.float32, device=boxes.device)
+        return (torch.minimum(pixel + 1, hi[..., None]) - torch.maximum(pixel, lo[..., None])).clamp(0, 1)
+
+    maps = torch.einsum("bl,bly,blx->byx", weights, cover(boxes[..., 1], boxes[..., 3], height),
+                        cover(boxes[..., 0], boxes[..., 2], width))
+    return _minmax(maps)
+
+
+def location_score_maps(log_probs: torch.Tensor, output: ModelOutput, size: tuple[int, int],
+                        levels=None) -> torch.Tensor:
+    """The joint scores of one class read as a class map, CAM-style: ``eval.box_decoding=logitmap``.
+
+    Each level's grid of ``log p(c, l, s)`` (the class's logit at each location, up to one constant
+    per image) is a map whose values sit at the locations' window centres
+    (``ModelOutput.centres``: where the cells look); it is interpolated bilinearly onto the input
+    pixels (clamped at the border, as :func:`torch.nn.functional.grid_sample` with
+    ``padding_mode="border"``), min-max normalised per level, summed over ``levels`` and
+    normalised again. Unlike :func:`window_score_maps` it keeps the spread of the scores before the
+    joint softmax sharpens them, and uses no box: the transform acts only through the scores.
+
+    Args:
+        log_probs: (B, L) ``log p(c, j)`` of one class per image.
+        output: the model output (``grids``, ``level``, ``centres``).
+        size: ``(H, W)`` of the map.
+        levels: the levels to read (None: all).
+    Returns:
+        (B, H, W) float32 in [0, 1].
+    """
+    height, width = size
+    chosen = [g for g in output.grids if levels is None or g[0] in levels]
+    if not chosen:
+        raise ValueError(f"eval.logitmap_levels={list(levels)} selects none of the model's levels "
+                         f"{[g[0] for g in output.grids]}")
+    total = None
+    start = 0
+    for level, rows, cols in output.grids:
+        count = rows * cols
+        if (level, rows, cols) in chosen:
+            values = log_probs[:, start:start + count].float().view(-1, 1, rows, cols)
+            centres = output.centres[start:start + count].float().view(rows, cols, 2)
+            xs, ys = centres[0, :, 0], centres[:, 0, 1]                          # (W',), (H',)
+
+            def grid_coord(pixels: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+                if len(at) == 1:
+                    return torch.zeros_like(pixels)
+                index = (pixels - at[0]) / (at[1] - at[0])                          # location-index units
+                return 2 * index / (len(at) - 1) - 1
+            px = torch.arange(width, dtype=torch.float32, device=values.device) + 0.5
+            py = torch.arange(height, dtype=torch.float32, device=values.device) + 0.5
+            gy, gx = torch.meshgrid(grid_coord(py, ys), grid_coord(px, xs), indexing="ij")
+            grid = torch.stack([gx, gy], dim=-1).expand(values.shape[0], -1, -1, -1)
+            maps = torch.nn.functional.grid_sample(values, grid, mode="bilinear", padding_mode="border",
+                                                   align_corners=True)[:, 0]
+            maps = _minmax(maps)
+            total = maps if total is None else total + maps
+        start += count
+    return _minmax(total)
+
+
+def _minmax(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1)
+    lo, hi = flat.min(dim=1).values[:, None, None], flat.max(dim=1).values[:, None, None]
+    return (maps - lo) / (hi - lo).clamp_min(1e-12)
+
+
 @torch.no_grad()
 def predict(output: ModelOutput, labels: Optional[torch.Tensor] = None, topk: int = 5,
-            use_transform: bool = True, level_choice: str = "joint") -> Predictions:
+            use_transform: bool = True, level_choice: str = "joint", decoding: str = "map") -> Predictions:
     """Decode a batch's :class:`ModelOutput` (see :class:`Predictions` for the fields).
 
     Args:
@@ -87,11 +212,16 @@ def predict(output: ModelOutput, labels: Optional[torch.Tensor] = None, topk: in
             levels. ``"level_first"``: the level maximising its mass ``sum_l p(c, l, s)`` is chosen
             first, then the most probable location within it (a level with more locations no longer
             wins by holding more candidates). Top-k boxes keep the joint order either way.
+        decoding: ``"map"`` (the paper) or ``"expected_iou"`` (box voting over every level's boxes;
+            ``level_choice`` is then not used). ``"scoremap"`` and ``"logitmap"`` decode like
+            ``"map"`` here: their boxes come from maps in the evaluator.
     """
     if topk < 1:
         raise ValueError(f"topk={topk} must be >= 1")
     if level_choice not in ("joint", "level_first"):
         raise ValueError(f"eval.level_choice={level_choice!r} must be 'joint' or 'level_first'")
+    if decoding not in ("map", "expected_iou", "scoremap", "logitmap"):
+        raise ValueError(f"eval.box_decoding={decoding!r} must be 'map', 'expected_iou', 'scoremap' or 'logitmap'")
     class_probs = output.class_log_probs().exp()
     num_classes = class_probs.shape[1]
     topk_scores, topk_classes = class_probs.topk(min(topk, num_classes), dim=1)
@@ -115,6 +245,8 @@ def predict(output: ModelOutput, labels: Optional[torch.Tensor] = None, topk: in
         return torch.gather(joint, 1, classes[:, None, None].expand(-1, 1, joint.shape[2]))[:, 0]
 
     def best_location(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, L) -> log p, index
+        if decoding == "expected_iou":
+            return expected_iou_choice(row, boxes)
         if level_choice == "joint":
             return row.max(dim=1)
         levels = torch.unique(level)

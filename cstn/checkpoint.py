@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cstn import dist
-from cstn.config import Config, config_hash, flatten, to_dict
+from cstn.config import LEGACY_MODEL_VALUES, Config, config_hash, flatten, to_dict
 
 META = "meta.json"
 
@@ -159,8 +159,9 @@ def check_compatible(cfg: Config, meta: dict[str, Any], source: str) -> None:
     theirs = flatten(meta.get("model_config", {}), "model.")
     ours = flatten(to_dict(cfg.model), "model.")
     # A field added to ModelConfig after the checkpoint was written is absent from its config: the
-    # checkpoint was made with that field's default, so only a non-default value is a difference.
-    defaults = flatten(to_dict(type(cfg.model)()), "model.")
+    # checkpoint was made with that field's default (or, where the default changed the network, with
+    # its legacy value), so only another value is a difference.
+    defaults = flatten({**to_dict(type(cfg.model)()), **LEGACY_MODEL_VALUES}, "model.")
     theirs = {**{k: v for k, v in defaults.items() if k not in theirs}, **theirs}
     diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
              for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]

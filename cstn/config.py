@@ -32,7 +32,7 @@ import yaml
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
-    "EvalConfig", "LogConfig", "DistConfig", "ConfigError", "load_config", "save_config",
+    "EvalConfig", "LogConfig", "DistConfig", "ConfigError", "load_config", "save_config", "LEGACY_MODEL_VALUES",
     "config_hash", "to_dict", "flatten", "describe",
 ]
 
@@ -125,6 +125,27 @@ class ModelConfig:
     """CutMix (``arch: cutmix``): Beta(beta, beta) law of the kept area (Yun et al.: 1.0)."""
     cutmix_prob: float = 1.0
     """CutMix: probability that a batch is mixed (Choe et al.'s WSOL setting: 1.0)."""
+    fpn_upsample: str = "aligned"
+    """FPN top-down upsampling: ``aligned`` (P4 cell i reads P5 at exactly i/2, where the ResNet centres it), ``nearest`` (torchvision's FPN; checkpoints before this option) or ``bilinear`` (the authors', align_corners=False); the last two centre P4's top-down path 8 px up-left of its lateral path."""
+    extra_relu: bool = True
+    """ReLU after the extra conv-BN pair before the FPN (the authors feed the BN output on: false)."""
+    p5_smooth: bool = True
+    """3x3 output conv of the FPN on P5, as torchvision's FPN (the authors use the 1x1 inner conv's output: false)."""
+    shared_classifier: bool = False
+    """One 1x1 class conv shared by every level (the authors'), instead of one per level with its own class biases."""
+    loc_net: str = "kxk_1x1"
+    """Theta net: ``kxk_1x1`` (k x k conv, ReLU, 1x1 conv with bias: theta reads the k x k window) or ``authors`` (k x k same-padded conv, ReLU, k x k conv without bias: theta reads 2k-1 cells; odd k only)."""
+    window_span: str = "cells"
+    """What theta's square [-1, 1]^2 spans: ``cells`` (the window's k cells: translation unit and box half side k/2 cells) or ``taps`` (the k tap centres, the authors' align_corners=True grid: (k-1)/2 cells)."""
+    level_prior: str = "none"
+    """``balanced`` offsets each level's logits by -log(H' W') so every level holds equal prior mass in the joint softmax; ``none`` is the paper's."""
+    input_method: str = "none"
+    """Training inputs of the ``cstn`` arch: ``none``, ``has`` (Hide-and-Seek, model.has_grid / has_hide_prob) or ``cutmix`` (model.cutmix_beta / cutmix_prob; the loss mixes labels)."""
+
+
+LEGACY_MODEL_VALUES = {"fpn_upsample": "nearest"}
+"""ModelConfig fields added with a default that changes the network: the value that reproduces
+checkpoints written before the field existed (a missing field in a checkpoint means this value)."""
 
 
 @dataclass
@@ -135,6 +156,10 @@ class LossConfig:
     """``sum`` over levels and locations (the paper's) or ``mean`` per location (resolution independent)."""
     scale_alpha: float = 0.0
     """Weight alpha of the level hinge L_scale (paper eq. 3; authors: 5 on CUB)."""
+    reg_batch_reduction: str = "mean"
+    """How L_theta and L_scale combine over the batch: ``mean`` (as L_cls) or ``sum`` (the authors': at batch B their lambda and alpha weigh B times more)."""
+    scale_class: str = "label"
+    """Class c* of the level hinge in training: ``label`` (the true class) or ``predicted`` (argmax p(c), the authors')."""
 
 
 @dataclass
@@ -161,6 +186,12 @@ class OptimConfig:
     """Decay factor of the ``step`` schedule."""
     grad_clip: float = 0.0
     """Gradient norm clip (0 = off)."""
+    frozen: list[str] = field(default_factory=lambda: [])
+    """Parameter-name prefixes left untrained (e.g. ``backbone.layer1.``); each must match a parameter. The authors train neither the stem and layer1 nor the FPN convs and the class conv."""
+    no_decay: list[str] = field(default_factory=lambda: [])
+    """Parameter-name prefixes without weight decay (the authors: ``heads.``, their STN modules)."""
+    decay_norm_bias: bool = False
+    """Weight decay on biases and normalisation weights too (the authors' plain SGD groups: true)."""
 
 
 @dataclass
@@ -215,6 +246,14 @@ class EvalConfig:
     """Equal-width bins of ground-truth box area for the per-size histogram."""
     viz_samples: int = 16
     """Images drawn in the box picture grid."""
+    box_decoding: str = "map"
+    """CSTN top-1 / GT-known box: ``map`` (the paper: the box of the most probable location), ``expected_iou`` (the box maximising sum_j p(c, j) IoU(b, b_j) over all levels' boxes), ``scoremap`` (threshold, at eval.cam_fixed_threshold, the map sum_j p(c, j) [x in box_j], min-max normalised, as CAM's) or ``logitmap`` (threshold the class's joint scores read as a map on eval.logitmap_levels, CAM-style); both map decodings add MaxBoxAcc/V2."""
+    logitmap_levels: list[int] = field(default_factory=lambda: [])
+    """Levels read by ``box_decoding=logitmap`` (empty: every level of the model)."""
+    scoremap_temperature: float = 1.0
+    """Temperature T of the window score map (``box_decoding=scoremap``): windows weigh p(c, j)^(1/T); 1 is the plain probability, larger flattens a peaked distribution."""
+    cam_upsample: str = "resize"
+    """How CAM-family maps reach the input size: ``resize`` (cv2.resize, Choe et al.'s protocol: cell c centred at t (c + 0.5)) or ``aligned`` (cell c centred where the ResNet looks, t c + 0.5; a measurement of the protocol's half-cell bias)."""
 
 
 @dataclass
@@ -270,6 +309,15 @@ _CHOICES = {
     "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
     "loss.theta_reduction": ("sum", "mean"),
     "eval.level_choice": ("joint", "level_first"),
+    "eval.box_decoding": ("map", "expected_iou", "scoremap", "logitmap"),
+    "eval.cam_upsample": ("resize", "aligned"),
+    "model.fpn_upsample": ("aligned", "nearest", "bilinear"),
+    "model.loc_net": ("kxk_1x1", "authors"),
+    "model.window_span": ("cells", "taps"),
+    "model.level_prior": ("none", "balanced"),
+    "model.input_method": ("none", "has", "cutmix"),
+    "loss.reg_batch_reduction": ("mean", "sum"),
+    "loss.scale_class": ("label", "predicted"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -291,6 +339,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.kernel_sizes ({len(m.kernel_sizes)}) and model.paddings ({len(m.paddings)}) "
             f"need one entry per level in model.levels ({len(m.levels)})")
+    if m.input_method != "none" and m.arch != "cstn":
+        raise ConfigError(f"model.input_method={m.input_method!r} is for model.arch=cstn (the CAM family has "
+                          f"model.arch=has / cutmix)")
+    if m.arch == "cstn" and m.loc_net == "authors" and any(k % 2 == 0 for k in m.kernel_sizes):
+        raise ConfigError(f"model.loc_net=authors needs odd model.kernel_sizes (same padding), got {m.kernel_sizes}")
+    if m.arch == "cstn" and m.window_span == "taps" and min(m.kernel_sizes) < 2:
+        raise ConfigError(f"model.window_span=taps needs model.kernel_sizes >= 2, got {m.kernel_sizes}")
     if m.num_classes < 2:
         raise ConfigError(f"model.num_classes={m.num_classes} must be >= 2")
     for key in ("data.image_size", "data.batch_size", "data.eval_batch_size", "train.grad_accum"):

@@ -22,7 +22,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -39,14 +40,124 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cpu", enabled=False)
 
 
-def normalised_class_maps(cams: torch.Tensor, classes: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, h, w) CAMs -> (B, size, size) maps of the given classes, bilinear, min-max to [0, 1]."""
+def normalised_class_maps(cams: torch.Tensor, classes: torch.Tensor, size: int, cell_map=None) -> torch.Tensor:
+    """(B, C, h, w) CAMs -> (B, size, size) maps of the given classes, bilinear, min-max to [0, 1].
+
+    ``cell_map`` None resamples as ``cv2.resize`` does (Choe et al.'s protocol: map cell ``c``
+    centred at input pixel ``(c + 0.5) size / h``); a :class:`~cstn.models.geometry.CellMap`
+    centres cell ``c`` where the network's cell looks, ``stride c + offset``
+    (``eval.cam_upsample=aligned``, the measurement of the protocol's half-cell bias)."""
     maps = cams[torch.arange(cams.shape[0], device=cams.device), classes].float().unsqueeze(1)
-    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+    if cell_map is None:
+        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    else:
+        h, w = maps.shape[-2:]
+        pixel = torch.arange(size, dtype=torch.float32, device=maps.device) + 0.5
+        cells = (pixel - cell_map.offset) / cell_map.stride                         # cell-index coordinates
+
+        def norm(c, n):
+            return 2 * c / max(n - 1, 1) - 1
+        gy, gx = torch.meshgrid(norm(cells, h), norm(cells, w), indexing="ij")
+        grid = torch.stack([gx, gy], dim=-1).expand(maps.shape[0], -1, -1, -1)
+        maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    maps = maps.squeeze(1)
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values[:, None, None]
     hi = flat.max(dim=1).values[:, None, None]
     return (maps - lo) / (hi - lo).clamp_min(1e-12)
+
+
+@dataclass
+class Scored:
+    """One batch's decoded predictions, the same fields for every model family (input pixels).
+
+    topk_classes, topk_scores: (B, k). top1, known: (B, 4) boxes of the predicted and of the true
+    class; known_topk: (B, m, 4). ref_top1, ref_known: (B, 4) the same without the transform, or
+    None. levels, known_levels: (B,) FPN levels of the chosen locations, or None. true_maps: (B, S, S)
+    float maps of the true class for MaxBoxAcc, or None (map-free decodings).
+    """
+
+    topk_classes: torch.Tensor
+    topk_scores: torch.Tensor
+    top1: torch.Tensor
+    known: torch.Tensor
+    known_topk: torch.Tensor
+    ref_top1: Optional[torch.Tensor] = None
+    ref_known: Optional[torch.Tensor] = None
+    levels: Optional[torch.Tensor] = None
+    known_levels: Optional[torch.Tensor] = None
+    true_maps: Optional[np.ndarray] = None
+
+
+def _threshold_boxes(maps: np.ndarray, threshold: float) -> torch.Tensor:
+    """The box around the largest region of each (S, S) map at ``threshold`` (Choe et al.)."""
+    from cstn.metrics import cam_boxes
+
+    return torch.as_tensor(np.stack([cam_boxes(m, threshold)[0] for m in maps]), dtype=torch.float64)
+
+
+def score_cam(model, output, labels: torch.Tensor, cfg: Config) -> Scored:
+    """CAM family: class scores from the pooled maps; boxes by thresholding the normalised class map
+    at ``eval.cam_fixed_threshold``; the true class's maps go to MaxBoxAcc."""
+    size = cfg.data.image_size
+    probs = output.logits.float().softmax(dim=1)
+    topk_scores, topk_classes = probs.topk(min(cfg.eval.topk, probs.shape[1]), dim=1)
+    cell_map = getattr(model, "cell_map", None) if cfg.eval.cam_upsample == "aligned" else None
+    pred_maps = normalised_class_maps(output.cams, topk_classes[:, 0], size, cell_map).cpu().numpy()
+    true_maps = normalised_class_maps(output.cams, labels, size, cell_map).cpu().numpy()
+    thr = cfg.eval.cam_fixed_threshold
+    known = _threshold_boxes(true_maps, thr)
+    return Scored(topk_classes, topk_scores, _threshold_boxes(pred_maps, thr), known, known[:, None, :],
+                  true_maps=true_maps)
+
+
+def score_cstn(output, labels: torch.Tensor, cfg: Config) -> Scored:
+    """CSTN family: the MAP (or box-voting) location of p(c, l, s) and its box. With
+    ``eval.box_decoding`` ``scoremap`` or ``logitmap`` the Top-1 and GT-known boxes threshold a
+    class map at ``eval.cam_fixed_threshold`` like CAM's, and the true class's maps go to
+    MaxBoxAcc: the window score map (:func:`cstn.boxes.window_score_maps`; without transform: the
+    same from the reference windows) or the joint scores read as a map
+    (:func:`cstn.boxes.location_score_maps`; it has no reference version). Top-k boxes and levels
+    are the MAP locations' in every decoding."""
+    from cstn.boxes import location_score_maps, predict, window_score_maps
+
+    e = cfg.eval
+    pred = predict(output, labels=labels, topk=e.topk, use_transform=e.use_transform,
+                   level_choice=e.level_choice, decoding=e.box_decoding)
+    scored = Scored(pred.topk_classes, pred.topk_scores, pred.top1_box, pred.gt_known_box, pred.gt_known_topk_boxes,
+                    pred.top1_ref_box, pred.gt_known_ref_box, pred.top1_level, pred.gt_known_level)
+    if e.box_decoding not in ("scoremap", "logitmap"):
+        return scored
+    joint = output.joint_log_probs()
+    size = (cfg.data.image_size, cfg.data.image_size)
+    thr = e.cam_fixed_threshold
+
+    def maps(classes, boxes=None):
+        row = joint.gather(1, classes[:, None, None].to(joint.device).expand(-1, 1, joint.shape[2]))[:, 0]
+        if e.box_decoding == "logitmap":
+            return location_score_maps(row, output, size, e.logitmap_levels or None).cpu().numpy()
+        return window_score_maps(row, boxes, size, e.scoremap_temperature).cpu().numpy()
+
+    labels = labels.to(joint.device).long()
+    top1_class = pred.topk_classes[:, 0]
+    boxes = output.boxes if e.use_transform else output.ref_boxes
+    true_maps = maps(labels, boxes)
+    scored.top1, scored.known = _threshold_boxes(maps(top1_class, boxes), thr), _threshold_boxes(true_maps, thr)
+    if e.box_decoding == "scoremap":
+        scored.ref_top1 = _threshold_boxes(maps(top1_class, output.ref_boxes), thr)
+        scored.ref_known = _threshold_boxes(maps(labels, output.ref_boxes), thr)
+    else:
+        scored.ref_top1 = scored.ref_known = None
+    scored.true_maps = true_maps
+    return scored
+
+
+def uses_maps(cfg: Config) -> bool:
+    """Whether the evaluation thresholds maps (CAM family, or CSTN with ``box_decoding`` ``scoremap``
+    or ``logitmap``): then MaxBoxAcc/V2 and the best thresholds are reported too."""
+    from cstn.models import is_cam_family
+
+    return is_cam_family(cfg.model.arch) or cfg.eval.box_decoding in ("scoremap", "logitmap")
 
 
 @torch.no_grad()
@@ -65,9 +176,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         expected_boxes: the manifest's box count; the merged box count must equal it.
         log_every: rank 0 prints a progress line (img/s, ETA) every this many batches (0 = never).
     """
-    from cstn.boxes import predict
     from cstn.models import is_cam_family
-    from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, cam_boxes, wsol_resize_boxes
+    from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, wsol_resize_boxes
 
     was_training = model.training
     model.eval()
@@ -75,7 +185,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
     size = cfg.data.image_size
     is_cam = is_cam_family(cfg.model.arch)
     loc = LocalizationEvaluator.from_config(cfg)
-    maxbox = MaxBoxAccEvaluator.from_config(cfg) if is_cam else None
+    maxbox = MaxBoxAccEvaluator.from_config(cfg) if uses_maps(cfg) else None
     viz: dict[str, list] = {"images": [], "gt": [], "ref": [], "pred": [], "titles": []}
     t_data = t_model = t_metric = 0.0
     t_last = t_start = time.perf_counter()
@@ -92,42 +202,25 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         t_model += t1 - t0
         widths, heights = batch.sizes[:, 0], batch.sizes[:, 1]
         gt_boxes = batch.gt_boxes_list()
-        k = cfg.eval.topk
-        if is_cam:
-            probs = output.logits.float().softmax(dim=1)
-            topk_scores, topk_classes = probs.topk(min(k, probs.shape[1]), dim=1)
-            pred_maps = normalised_class_maps(output.cams, topk_classes[:, 0], size).cpu().numpy()
-            true_maps = normalised_class_maps(output.cams, batch.labels, size).cpu().numpy()
-            thr = cfg.eval.cam_fixed_threshold
-            top1 = torch.as_tensor(np.stack([cam_boxes(m, thr)[0] for m in pred_maps]), dtype=torch.float64)
-            known = torch.as_tensor(np.stack([cam_boxes(m, thr)[0] for m in true_maps]), dtype=torch.float64)
+        scored = score_cam(model, output, batch.labels, cfg) if is_cam else score_cstn(output, batch.labels, cfg)
+        if maxbox is not None:
             # Choe et al.'s frame: GT boxes scaled to the map size and truncated to integers
             gt_in = [wsol_resize_boxes(b, float(w), float(h), size) for b, w, h in
                      zip(gt_boxes, widths.cpu().numpy(), heights.cpu().numpy())]
-            maxbox.accumulate(true_maps, gt_in, indices=batch.indices.cpu().numpy())
-            ref_top1 = ref_known = None
-            known_topk = known[:, None, :]
-            levels = known_levels = None
-        else:
-            pred = predict(output, labels=batch.labels, topk=k, use_transform=cfg.eval.use_transform,
-                           level_choice=cfg.eval.level_choice)
-            topk_classes, topk_scores = pred.topk_classes, pred.topk_scores
-            top1, known, known_topk = pred.top1_box, pred.gt_known_box, pred.gt_known_topk_boxes
-            ref_top1, ref_known = pred.top1_ref_box, pred.gt_known_ref_box
-            levels, known_levels = pred.top1_level, pred.gt_known_level
+            maxbox.accumulate(scored.true_maps, gt_in, indices=batch.indices.cpu().numpy())
         w64 = widths.double().cpu()
         h64 = heights.double().cpu()
         to_orig = lambda b: None if b is None else boxes_to_original(b.double().cpu()[:, None, :], w64, h64,
                                                                         size)[:, 0].numpy()
+        to_np = lambda t: None if t is None else t.cpu().numpy()
         loc.accumulate(
             indices=batch.indices.cpu().numpy(), labels=batch.labels.cpu().numpy(),
-            topk_classes=topk_classes.cpu().numpy(), topk_scores=topk_scores.float().cpu().numpy(),
-            top1_box=to_orig(top1), gt_known_box=to_orig(known),
-            gt_known_topk_boxes=boxes_to_original(known_topk.double().cpu(), w64, h64, size).numpy(),
-            gt_boxes=gt_boxes, top1_ref_box=to_orig(ref_top1), gt_known_ref_box=to_orig(ref_known),
-            levels=None if levels is None else levels.cpu().numpy(),
-            gt_known_levels=None if known_levels is None else known_levels.cpu().numpy(),
-            sizes=batch.sizes.cpu().numpy())
+            topk_classes=scored.topk_classes.cpu().numpy(), topk_scores=scored.topk_scores.float().cpu().numpy(),
+            top1_box=to_orig(scored.top1), gt_known_box=to_orig(scored.known),
+            gt_known_topk_boxes=boxes_to_original(scored.known_topk.double().cpu(), w64, h64, size).numpy(),
+            gt_boxes=gt_boxes, top1_ref_box=to_orig(scored.ref_top1), gt_known_ref_box=to_orig(scored.ref_known),
+            levels=to_np(scored.levels), gt_known_levels=to_np(scored.known_levels),
+            keys=getattr(batch, "keys", None), sizes=batch.sizes.cpu().numpy())
         if dist.is_main() and len(viz["images"]) < cfg.eval.viz_samples:
             take = min(len(batch), cfg.eval.viz_samples - len(viz["images"]))
             imgs = batch.images[:take].permute(0, 2, 3, 1).cpu().numpy()
@@ -136,8 +229,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
                                                  float(widths[j]), float(heights[j]), size)
                 viz["images"].append(imgs[j])
                 viz["gt"].append(scale(gt_boxes[j]))
-                viz["pred"].append(known[j:j + 1].double().cpu().numpy())
-                viz["ref"].append(None if ref_known is None else ref_known[j:j + 1].double().cpu().numpy())
+                viz["pred"].append(scored.known[j:j + 1].double().cpu().numpy())
+                viz["ref"].append(None if scored.ref_known is None else scored.ref_known[j:j + 1].double().cpu().numpy())
                 viz["titles"].append(f"#{int(batch.indices[j])} y={int(batch.labels[j])}")
         seen += len(batch)
         t_last = time.perf_counter()

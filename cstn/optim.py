@@ -15,8 +15,9 @@ from cstn.config import Config
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    from cstn.params import param_groups
+    from cstn.params import freeze, param_groups
 
+    freeze(model, cfg.optim.frozen)   # before DeepSpeed wraps the model: frozen weights get no gradient
     groups = param_groups(model, cfg.optim)
     o = cfg.optim
     if o.name == "sgd":

@@ -102,3 +102,18 @@ def test_checkpoint_older_than_a_model_field_is_compared_with_its_default(tmp_pa
     changed = load_config(None, [f"train.out_dir={tmp_path}", "model.acol_threshold=0.5"])
     with pytest.raises(ck.CheckpointMismatch, match="model.acol_threshold: checkpoint 0.7 vs config 0.5"):
         ck.check_compatible(changed, ck.read_meta(tag), str(tag))
+
+
+def test_checkpoint_from_before_the_aligned_fpn_is_a_nearest_one(tmp_path):
+    """``model.fpn_upsample`` arrived with a new default ('aligned'); checkpoints without the field were
+    trained with torchvision's nearest upsampling and must be loaded as such (LEGACY_MODEL_VALUES)."""
+    cfg = load_config(None, [f"train.out_dir={tmp_path}"])
+    tag = fake_checkpoint(ck.checkpoint_dir(cfg), 3, cfg)
+    meta = ck.read_meta(tag)
+    del meta["model_config"]["fpn_upsample"]
+    meta["config_hash"] = "from before issue 14"
+    (tag / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ck.CheckpointMismatch, match="model.fpn_upsample: checkpoint 'nearest' vs config 'aligned'"):
+        ck.check_compatible(cfg, ck.read_meta(tag), str(tag))
+    legacy = load_config(None, [f"train.out_dir={tmp_path}", "model.fpn_upsample=nearest"])
+    ck.check_compatible(legacy, ck.read_meta(tag), str(tag))

@@ -218,10 +218,11 @@ def test_boxes_follow_the_sampling_shift():
         head.loc.to_theta.bias.copy_(torch.tensor([0.0, 0, 2 / 3, 0, 0, 0]))
     output = model(images())
     shifted = output.ref_boxes.clone()
-    # unclipped reference windows of the 4x4 grid are [16 j - 16, 16 j + 32); shifted by 16 px
+    # cell j of a stride-16 ResNet level looks at pixel 16 j + 0.5 (tests/test_geometry.py probes it), so
+    # the unclipped reference windows of the 4x4 grid are 16 j + 0.5 -+ 24; shifted by 16 px
     columns = torch.arange(4).repeat(4).float()
-    expected_x1 = (16 * columns).clamp(0, 64)
-    expected_x2 = (16 * columns + 48).clamp(0, 64)
+    expected_x1 = (16 * columns + 0.5 - 24 + 16).clamp(0, 64)
+    expected_x2 = (16 * columns + 0.5 + 24 + 16).clamp(0, 64)
     torch.testing.assert_close(output.boxes[0, :, 0], expected_x1)
     torch.testing.assert_close(output.boxes[0, :, 2], expected_x2)
     torch.testing.assert_close(output.boxes[..., 1::2], shifted[..., 1::2])     # y unchanged

@@ -46,9 +46,14 @@ def build_model(cfg) -> nn.Module:
                    "cutmix": dict(beta=m.cutmix_beta, prob=m.cutmix_prob)}[m.arch]
         model = METHODS[m.arch](last_stride=m.cam_last_stride, **options, **common)
     elif m.arch == "cstn":
+        inputs = {"has": dict(grid=m.has_grid, hide_prob=m.has_hide_prob),
+                  "cutmix": dict(beta=m.cutmix_beta, prob=m.cutmix_prob)}.get(m.input_method, {})
         model = CSTNModel(fpn_channels=m.fpn_channels, levels=list(m.levels), kernel_sizes=list(m.kernel_sizes),
                           paddings=list(m.paddings), loc_hidden=m.loc_hidden, head_channels=m.head_channels,
-                          head=m.head, head_impl=m.head_impl, **common)
+                          head=m.head, head_impl=m.head_impl, fpn_upsample=m.fpn_upsample,
+                          extra_relu=m.extra_relu, p5_smooth=m.p5_smooth, shared_classifier=m.shared_classifier,
+                          loc_net=m.loc_net, window_span=m.window_span, level_prior=m.level_prior,
+                          input_method=m.input_method, input_options=inputs, **common)
     else:
         raise ValueError(f"model.arch={m.arch!r} must be one of {['cstn', *CAM_FAMILY]}")
     model.check_image_size(cfg.data.image_size)

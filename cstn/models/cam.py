@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .backbone import PixelNormaliser, build_trunk
+from .geometry import trunk_cell_map
 from .output import ModelOutput
 
 __all__ = ["CAMModel", "cam_output"]
@@ -38,6 +39,8 @@ class CAMModel(nn.Module):
         self.normaliser = PixelNormaliser(mean, std)
         self.backbone = build_trunk(backbone, width, backbone_weights, last_stride=last_stride)
         self.classifier = nn.Conv2d(self.backbone.channels[1], num_classes, kernel_size=1)
+        self.cell_map = trunk_cell_map(self.backbone)
+        """Where the map's cells look in the input (``eval.cam_upsample=aligned`` uses it)."""
 
     @staticmethod
     def param_role(name: str) -> str:

@@ -2,12 +2,14 @@
 
 One level, feature map ``f`` (B, P, H, W):
 
-1. ``theta = identity + loc(f)``, ``loc = conv1x1(relu(conv_kxk(f)))``; the last conv starts at
-   zero, so training starts from the identity. The k x k conv has the head's padding, so theta
-   lives on the head's output grid and reads exactly the location's reference window.
+1. ``theta = identity + loc(f)``, ``loc = conv1x1(relu(conv_kxk(f)))`` (or the authors' two k x k
+   convs, :class:`LocalisationNet`); the last conv starts at zero, so training starts from the
+   identity. The k x k conv has the head's padding, so theta lives on the head's output grid and
+   reads exactly the location's reference window.
 2. The k x k filter bank is applied at the window's taps moved by theta (bilinear sampling,
    zeros outside the map; see :mod:`cstn.models.geometry` for the coordinates), then ReLU and a
-   1x1 conv to the classes: logits (B, C, H', W').
+   1x1 conv to the classes (per level, or one shared by all levels as in the authors' code):
+   logits (B, C, H', W').
 
 Sampling implementations (``model.head_impl``), equal up to float rounding (tests hold them equal
 in float64, forward and backward):
@@ -40,11 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from .geometry import identity_theta, offset_basis, output_grid_size, tap_offsets, theta_to_offsets
+from .geometry import half_span, identity_theta, offset_basis, output_grid_size, tap_offsets, theta_to_offsets
 
-__all__ = ["LevelHead", "LocalisationNet", "sample_conv", "SAMPLERS"]
+__all__ = ["LevelHead", "LocalisationNet", "sample_conv", "SAMPLERS", "LOC_NETS"]
 
 FAST_IMPL = "im2col"
+LOC_NETS = ("kxk_1x1", "authors")
 
 
 def _tap_positions(size: int, out_size: int, kernel_size: int, padding: int, like: torch.Tensor) -> torch.Tensor:
@@ -176,17 +179,31 @@ def sample_conv(impl: str, features, offsets, weight, bias, padding):
 
 
 class LocalisationNet(nn.Module):
-    """Predicts ``theta - identity`` per output location: conv_kxk -> ReLU -> conv1x1 (zero init).
+    """Predicts ``theta - identity`` per output location (B, 6, H', W'), entries ``theta00, theta01,
+    theta02, theta10, theta11, theta12``; its last conv starts at zero, so training starts from the
+    identity. Two forms (``model.loc_net``):
 
-    Output: (B, 6, H', W'), entries ``theta00, theta01, theta02, theta10, theta11, theta12``.
+    * ``kxk_1x1`` (default): k x k conv with the head's padding -> ReLU -> 1x1 conv (with bias):
+      theta reads exactly the location's k x k reference window.
+    * ``authors`` (``Conv2d_STN`` of the authors' ``temp.py``): k x k conv with "same" padding
+      ``(k-1)/2`` -> ReLU -> k x k conv with the head's padding (the authors': none), no bias:
+      theta reads 2k - 1 cells. Needs an odd k (symmetric "same" padding).
     """
 
-    def __init__(self, in_channels: int, hidden: int, kernel_size: int, padding: int):
+    def __init__(self, in_channels: int, hidden: int, kernel_size: int, padding: int, style: str = "kxk_1x1"):
         super().__init__()
-        self.read = nn.Conv2d(in_channels, hidden, kernel_size, padding=padding)
-        self.to_theta = nn.Conv2d(hidden, 6, 1)
+        if style == "kxk_1x1":
+            self.read = nn.Conv2d(in_channels, hidden, kernel_size, padding=padding)
+            self.to_theta = nn.Conv2d(hidden, 6, 1)
+            nn.init.zeros_(self.to_theta.bias)
+        elif style == "authors":
+            if kernel_size % 2 == 0:
+                raise ValueError(f"model.loc_net='authors' needs odd window sizes (same padding), got k={kernel_size}")
+            self.read = nn.Conv2d(in_channels, hidden, kernel_size, padding=(kernel_size - 1) // 2)
+            self.to_theta = nn.Conv2d(hidden, 6, kernel_size, padding=padding, bias=False)
+        else:
+            raise ValueError(f"model.loc_net={style!r} must be one of {list(LOC_NETS)}")
         nn.init.zeros_(self.to_theta.weight)
-        nn.init.zeros_(self.to_theta.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.to_theta(F.relu(self.read(features)))
@@ -198,19 +215,25 @@ class LevelHead(nn.Module):
     Args:
         in_channels: P, the FPN channels.
         head_channels: Q, channels of the k x k filter bank.
-        num_classes: C.
+        num_classes: C; None leaves the 1x1 class conv out (``model.shared_classifier``: the model
+            applies one class conv to every level) and ``forward`` returns the (B, Q, H', W')
+            post-ReLU filter-bank features instead of logits.
         kernel_size, padding: window size k and zero padding p (cells).
         loc_hidden: hidden channels of the localisation net.
         transform: True for the CSTN head, False for the plain-conv baseline (theta = identity,
             no localisation net).
         impl: ``fast``, ``reference``, ``im2col``, ``deform`` or ``project`` (ignored without transform).
+        window_span: ``cells`` or ``taps``: the unit of theta's translation (see
+            :func:`cstn.models.geometry.half_span`).
+        loc_net: ``kxk_1x1`` or ``authors`` (see :class:`LocalisationNet`).
 
     ``forward(features (B, P, H, W))`` returns ``logits`` (B, C, H', W') and ``theta`` (B, H' W', 2, 3)
     (row-major over the output grid; the identity without transform).
     """
 
-    def __init__(self, in_channels: int, head_channels: int, num_classes: int, kernel_size: int,
-                 padding: int, loc_hidden: int, transform: bool = True, impl: str = "fast"):
+    def __init__(self, in_channels: int, head_channels: int, num_classes: int | None, kernel_size: int,
+                 padding: int, loc_hidden: int, transform: bool = True, impl: str = "fast",
+                 window_span: str = "cells", loc_net: str = "kxk_1x1"):
         super().__init__()
         if kernel_size < 1 or padding < 0:
             raise ValueError(f"kernel size {kernel_size} must be >= 1 and padding {padding} >= 0")
@@ -220,15 +243,17 @@ class LevelHead(nn.Module):
         self.padding = padding
         self.transform = transform
         self.impl = impl
+        self.half_span = half_span(kernel_size, window_span)
         self.filter_bank = nn.Conv2d(in_channels, head_channels, kernel_size, padding=padding)
-        self.classifier = nn.Conv2d(head_channels, num_classes, 1)
-        self.loc = LocalisationNet(in_channels, loc_hidden, kernel_size, padding) if transform else None
-        self.register_buffer("basis", offset_basis(kernel_size).float(), persistent=False)
+        self.classifier = nn.Conv2d(head_channels, num_classes, 1) if num_classes is not None else None
+        self.loc = LocalisationNet(in_channels, loc_hidden, kernel_size, padding, loc_net) if transform else None
+        self.register_buffer("basis", offset_basis(kernel_size, half=self.half_span).float(), persistent=False)
         self.register_buffer("identity", identity_theta(dtype=torch.float32).reshape(1, 6, 1, 1).clone(),
                              persistent=False)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, padding={self.padding}, transform={self.transform}, impl={self.impl}"
+        return (f"kernel_size={self.kernel_size}, padding={self.padding}, transform={self.transform}, "
+                f"impl={self.impl}, half_span={self.half_span}")
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, height, width = features.shape
@@ -251,5 +276,7 @@ class LevelHead(nn.Module):
                                  self.padding)
             theta = residual + self.identity.to(residual.dtype)
             theta = theta.flatten(2).transpose(1, 2).reshape(batch, -1, 2, 3)
+        if self.classifier is None:
+            return F.relu(hidden), theta
         logits = self.classifier(F.relu(_like_weight(hidden, self.classifier.weight)))
         return logits, theta

@@ -57,6 +57,8 @@ class ModelOutput:
         ref_boxes: (B, L, 4) float32 reference (identity) windows, input pixels, clipped.
         level: (L,) int64 FPN level (4 or 5) of every location.
         grids: ``((level, H', W'), ...)``: how L splits into per-level output grids.
+        centres: (L, 2) float32 ``(x, y)`` input pixel of each location's reference-window centre
+            (unclipped; where the level's cells look, :mod:`cstn.models.geometry`).
     ``kind == "cam"`` (class activation maps):
         logits: (B, C) float32 class scores (global average of the maps).
         cams: (B, C, h, w) float32 class activation maps (the 1x1 class conv before pooling).
@@ -74,6 +76,7 @@ class ModelOutput:
     ref_boxes: Optional[torch.Tensor] = None
     level: Optional[torch.Tensor] = None
     grids: tuple = ()
+    centres: Optional[torch.Tensor] = None
     cams: Optional[torch.Tensor] = None
     aux_losses: dict = field(default_factory=dict)
     mix: Optional[tuple] = None

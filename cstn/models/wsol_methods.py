@@ -43,7 +43,7 @@ from .cam import CAMModel, cam_output
 from .output import ModelOutput
 
 __all__ = ["hide_patches", "cutmix_images", "erase_confident", "guidance_mask", "masked_bce", "ADLayer",
-           "normalise_maps", "HaSModel", "ACoLModel", "SPGModel", "ADLModel", "CutMixModel", "METHODS"]
+           "normalise_maps", "check_input_method", "apply_input_method", "HaSModel", "ACoLModel", "SPGModel", "ADLModel", "CutMixModel", "METHODS"]
 
 
 def _check_fraction(key: str, value: float) -> None:
@@ -122,6 +122,29 @@ def cutmix_images(images: torch.Tensor, beta: float, prob: float):
     mixed[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
     lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
     return mixed, perm, lam, (x0, y0, x1, y1)
+
+
+def check_input_method(method: str, options: dict) -> None:
+    """Validate the settings of an input-side method (``has``: ``grid``, ``hide_prob``; ``cutmix``:
+    ``beta``, ``prob``), naming the config key of a bad value."""
+    if method == "has":
+        _check_has(options["grid"], options["hide_prob"])
+    elif method == "cutmix":
+        _check_cutmix(options["beta"], options["prob"])
+    else:
+        raise ValueError(f"unknown input method {method!r} (has or cutmix)")
+
+
+def apply_input_method(method: str, x: torch.Tensor, options: dict) -> tuple[torch.Tensor, Optional[tuple]]:
+    """A training batch through Hide-and-Seek or CutMix: the new batch and CutMix's label mix
+    ``(perm, lam)`` for :class:`ModelOutput` (None when nothing is mixed). Used by the CAM-family
+    models below and by the CSTN model's ``model.input_method``."""
+    if method == "has":
+        return hide_patches(x, options["grid"], options["hide_prob"])[0], None
+    if method == "cutmix":
+        x, perm, lam, _ = cutmix_images(x, options["beta"], options["prob"])
+        return x, None if perm is None else (perm, lam)
+    raise ValueError(f"unknown input method {method!r} (has or cutmix)")
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -220,11 +243,11 @@ class HaSModel(CAMModel):
 
     def __init__(self, *, grid: int, hide_prob: float, **cam):
         super().__init__(**cam)
-        _check_has(grid, hide_prob)
-        self.grid, self.hide_prob = grid, hide_prob
+        self.options = {"grid": grid, "hide_prob": hide_prob}
+        check_input_method("has", self.options)
 
     def training_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return hide_patches(x, self.grid, self.hide_prob)[0], None
+        return apply_input_method("has", x, self.options)
 
 
 class CutMixModel(CAMModel):
@@ -232,12 +255,11 @@ class CutMixModel(CAMModel):
 
     def __init__(self, *, beta: float, prob: float, **cam):
         super().__init__(**cam)
-        _check_cutmix(beta, prob)
-        self.beta, self.prob = beta, prob
+        self.options = {"beta": beta, "prob": prob}
+        check_input_method("cutmix", self.options)
 
     def training_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple]]:
-        x, perm, lam, _ = cutmix_images(x, self.beta, self.prob)
-        return x, None if perm is None else (perm, lam)
+        return apply_input_method("cutmix", x, self.options)
 
 
 class ADLModel(CAMModel):
