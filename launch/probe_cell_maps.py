@@ -9,8 +9,9 @@ tool measures it on the trained model and tests a correction learned from it:
 
 1. On the held-out images (never the test split), for every cell of every level, the centroid of
    ``|d sum_channels feature[cell] / d input|`` averaged over the images: the cell's effective centre.
-2. Per level and axis, a least-squares line ``centre = stride' c + offset'`` through those
-   centroids: a corrected :class:`~cstn.models.geometry.CellMap` per level.
+2. Per level, a least-squares line ``centre = stride' c + offset'`` through those centroids (x
+   per column, y per row): a corrected :class:`~cstn.models.geometry.CellMap` per level that moves
+   the windows' centres and keeps their size.
 3. GT-Known and Top-1 Loc on the held-out set and on the test split with the analytic and with the
    corrected maps (same network, same scores and locations; only the boxes move), one process.
 
@@ -62,15 +63,16 @@ def effective_centres(model, loader, max_images: int = 512) -> dict[int, np.ndar
     return {level: s / seen for level, s in sums.items()}
 
 
-def fit_map(centres: np.ndarray):
-    """Least-squares ``pixel = stride c + offset`` through the per-column x and per-row y centroids."""
+def fit_map(centres: np.ndarray, analytic):
+    """Least-squares ``pixel = stride c + offset`` through the per-column x and per-row y centroids;
+    windows keep the analytic cell size (only where they sit is corrected)."""
     from cstn.models.geometry import CellMap
 
     h, w, _ = centres.shape
     cells = np.concatenate([np.arange(w), np.arange(h)])
     pixels = np.concatenate([centres[:, :, 0].mean(0), centres[:, :, 1].mean(1)])
     stride, offset = np.polyfit(cells, pixels, 1)
-    return CellMap(stride=float(stride), offset=float(offset))
+    return CellMap(stride=float(stride), offset=float(offset), cell_size=analytic.extent)
 
 
 def main(argv=None) -> int:
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         return build_loader(cfg, cfg.data.eval_split, 0, 1, train=False, backend="torch")
 
     centres = effective_centres(model, loader(args.heldout))
-    corrected = {level: fit_map(c) for level, c in centres.items()}
+    corrected = {level: fit_map(c, analytic[level]) for level, c in centres.items()}
     result = {"centres": {f"P{lv}": np.round(c, 2).tolist() for lv, c in centres.items()},
               "analytic": {f"P{lv}": vars(m) for lv, m in analytic.items()},
               "corrected": {f"P{lv}": vars(m) for lv, m in corrected.items()}}

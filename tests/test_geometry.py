@@ -110,3 +110,39 @@ def test_aligned_upsampling_reads_half_cells():
     assert even[0, 0, 0].tolist() == [0.0, 5.0, 10.0, 15.0, 20.0, 20.0]
     with pytest.raises(ValueError, match="2n-1 or 2n"):
         upsample_aligned(coarse, (8, 8))
+
+
+def test_probe_tool_measures_centres_and_fits_a_line():
+    """launch/probe_cell_maps.py: on a uniform network at 512 px the interior cells' measured centres
+    sit on the analytic map, and the fitted line through hand-made centroids is exact."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import probe_cell_maps as tool
+    from pipeline.batch import Batch
+
+    model = uniform_(build("resnet10", 0.25, 256))
+    batch = Batch(images=torch.randint(1, 255, (1, 3, 256, 256), dtype=torch.uint8), labels=torch.zeros(1),
+                  indices=torch.zeros(1))
+    centres = tool.effective_centres(model, [batch])
+    assert centres[5].shape == (8, 8, 2) and centres[4].shape == (16, 16, 2)
+    np.testing.assert_allclose(centres[5][4, 3], [32 * 3 + 0.5, 32 * 4 + 0.5], atol=2)
+    np.testing.assert_allclose(centres[4][8, 7], [16 * 7 + 0.5, 16 * 8 + 0.5], atol=2)
+    line = np.zeros((3, 4, 2))
+    line[:, :, 0] = 10 * np.arange(4) + 7                       # x of column c: 10 c + 7
+    line[:, :, 1] = (10 * np.arange(3) + 7)[:, None]            # y of row r: 10 r + 7
+    fitted = tool.fit_map(line, model.cell_maps[5])
+    assert (round(fitted.stride, 6), round(fitted.offset, 6), fitted.extent) == (10.0, 7.0, 32.0)
+
+
+if __name__ == "__main__":  # the README's probe table: probe centroid vs box centre per upsampling
+    for name, width in [("resnet10", 0.5), ("resnet18", 0.25), ("resnet50", 1.0)]:
+        for upsample in ("aligned", "nearest", "bilinear"):
+            net = uniform_(build(name, width, 512, f"model.fpn_upsample={upsample}"))
+            cells = [(4, 16), (5, 8)]
+            probes = [gradient_centroid(net, 512, lv, c, c)[0] for lv, c in cells]
+            boxes = [box_centre(net, 512, lv, c, c)[0] for lv, c in cells]
+            print(f"{name:9s} {upsample:9s} P4 probe {probes[0]:6.1f} box {boxes[0]:6.1f} (old {16 * 16.5:.1f})   "
+                  f"P5 probe {probes[1]:6.1f} box {boxes[1]:6.1f} (old {32 * 8.5:.1f})")

@@ -161,7 +161,7 @@ class CSTNModel(nn.Module):
             geo_dtype = torch.float64 if level_logits.dtype == torch.float64 else torch.float32
             centres = cells.from_edge(window_centres(features.shape[-2], features.shape[-1], k, p, dtype=geo_dtype,
                                                      device=images.device))
-            half = torch.full((centres.shape[0],), head.half_span * cells.stride, dtype=geo_dtype,
+            half = torch.full((centres.shape[0],), head.half_span * cells.extent, dtype=geo_dtype,
                               device=images.device)
             ref = reference_boxes(centres, half, image_hw).expand(batch, -1, -1)
             theta = theta.to(geo_dtype)

@@ -58,11 +58,19 @@ WINDOW_SPANS = ("cells", "taps")
 class CellMap:
     """Cell index -> input pixel of a level: the receptive field of cell ``c`` is centred at pixel
     ``stride * c + offset`` (continuous coordinates). ``top_down_gap`` is how far (px) the FPN's
-    top-down path centres from the lateral path on this level: 0 when the upsampling is aligned."""
+    top-down path centres from the lateral path on this level: 0 when the upsampling is aligned.
+    ``cell_size`` is the side (px) one cell of a window spans, the level's stride unless a
+    correction moves only the centres (``launch/probe_cell_maps.py``)."""
 
     stride: float
     offset: float
     top_down_gap: float = 0.0
+    cell_size: float | None = None
+
+    @property
+    def extent(self) -> float:
+        """Pixels per cell of a window's extent."""
+        return self.stride if self.cell_size is None else self.cell_size
 
     def from_edge(self, cells: torch.Tensor) -> torch.Tensor:
         """Cell-edge coordinates (cell ``c``'s centre at ``c + 0.5``) -> input pixels."""
