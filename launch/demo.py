@@ -42,8 +42,8 @@ HEADLINE = [("top1_cls", "Top-1 Class"), ("top1_loc", "Top-1 Loc"), ("gt_known_l
 
 FULL = {"num_train": 4000, "num_test": 1000, "num_heldout": 500, "image_size": 112, "samples_per_shard": 1000,
         "overrides": []}
-TINY = {"num_train": 48, "num_test": 24, "num_heldout": 16, "image_size": 64, "samples_per_shard": 16,
-        "overrides": ["data.image_size=64", "data.batch_size=8", "data.eval_batch_size=8", "model.width=0.25",
+TINY = {"num_train": 48, "num_test": 24, "num_heldout": 16, "image_size": 96, "samples_per_shard": 16,
+        "overrides": ["data.image_size=96", "data.batch_size=8", "data.eval_batch_size=8", "model.width=0.25",
                       "train.epochs=1", "train.max_steps=3", "train.log_every_steps=1", "eval.viz_samples=4"]}
 
 
