@@ -184,6 +184,21 @@ def load(engine, cfg: Config, tag_dir: Path) -> dict[str, Any]:
     return client_state
 
 
+def load_exported(model: torch.nn.Module, cfg: Config, folder: str | Path, source: str) -> dict[str, Any]:
+    """Load a logged model's weights (``folder``: its ``weights.pt`` and ``config.yaml``, e.g. from
+    :func:`cstn.run_records.download_model`) into ``model`` after checking the model configs agree.
+    The weights file is read with ``weights_only=True``. Returns ``{"model_config": ...}``."""
+    import yaml
+
+    folder = Path(folder)
+    logged = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    meta = {"model_config": logged.get("model", {}), "config_hash": None}
+    check_compatible(cfg, meta, source)
+    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return meta
+
+
 def load_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> dict[str, Any]:
     """Load weights only (evaluation, prediction) from a tag dir or a checkpoints dir, no engine needed."""
     tag_dir = find_resume(cfg, str(path))

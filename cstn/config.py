@@ -266,6 +266,14 @@ class LogConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name (empty = the run directory's name)."""
+    system_metrics: bool = True
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with NVML) on rank 0 during training."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metrics samples."""
+    log_model: bool = True
+    """At the end of training log the model (and the best checkpoint's) as MLflow models: weights, config, input example."""
+    register_model: str = ""
+    """Register the logged model (the best checkpoint's when there is one) under this name in the MLflow model registry (empty: not registered)."""
 
 
 @dataclass

@@ -164,7 +164,7 @@ def uses_maps(cfg: Config) -> bool:
 def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | None = None,
              out_dir: str | Path | None = None, expected_total: int | None = None,
              expected_boxes: int | None = None, precision: str = "fp32",
-             log_every: int = 50) -> dict[str, Any]:
+             log_every: int = 50, split_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate ``model`` over this rank's part of ``loader``; returns the merged metrics on every rank.
 
     Args:
@@ -175,6 +175,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         expected_total: the manifest's sample count; the merged count must equal it.
         expected_boxes: the manifest's box count; the merged box count must equal it.
         log_every: rank 0 prints a progress line (img/s, ETA) every this many batches (0 = never).
+        split_dir: the evaluated split's directory; its sample keys fill the predictions table's
+            ``key`` column (read from its DALI indexes by :func:`pipeline.loader.split_keys`).
     """
     from cstn.models import is_cam_family
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, wsol_resize_boxes
@@ -249,7 +251,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         try:
             metrics = _merge_and_compute(states, cfg, maxbox is not None, viz, out_dir,
                                          expected_total if max_batches is None else None,
-                                         expected_boxes if max_batches is None else None)
+                                         expected_boxes if max_batches is None else None, split_dir)
         except (ValueError, RuntimeError) as exc:  # every rank must learn of it, or they wait forever
             metrics = {"__error__": str(exc)}
     metrics = dist.broadcast_object(metrics)
@@ -259,7 +261,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
     return metrics
 
 
-def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, expected_total, expected_boxes):
+def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, expected_total, expected_boxes,
+                       split_dir=None):
     """Rank 0: keep each index once, check the counts, compute, write the outputs."""
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator
 
@@ -276,7 +279,7 @@ def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, exp
     metrics["eval_time_model_s"] = float(times[:, 1].max())
     metrics["eval_time_metrics_s"] = float(times[:, 2].max())
     if out_dir is not None:
-        write_outputs(merged, metrics, viz, Path(out_dir), cfg)
+        write_outputs(merged, metrics, viz, Path(out_dir), cfg, split_dir)
     return metrics
 
 
@@ -301,7 +304,8 @@ def check_exactly_once(indices: np.ndarray, expected_total: int, show: int = 10)
                      "warnings; data.on_corrupt=fail stops at it instead)")
 
 
-def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir: Path, cfg: Config) -> None:
+def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir: Path, cfg: Config,
+                  split_dir=None) -> None:
     """``predictions.csv``, the per-level area histograms, the box picture grid, then ``metrics.json``.
 
     ``metrics.json`` is written last and atomically (temporary file + rename): when it exists, the
@@ -313,7 +317,12 @@ def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir
     stale = out_dir / "metrics.json"
     if stale.exists():  # from an earlier evaluation into this directory: not valid for this one until rewritten
         stale.unlink()
-    merged.write_predictions(out_dir / "predictions.csv")
+    keys = None
+    if split_dir is not None:
+        from pipeline.loader import split_keys
+
+        keys = split_keys(split_dir)
+    merged.write_predictions(out_dir / "predictions.csv", keys)
     for level, rows in merged.area_histograms(bins=cfg.eval.hist_bins).items():
         name = "all" if level is None else f"P{level}"
         plots.plot_area_histogram(rows, out_dir / f"area_hist_{name}.png", out_dir / f"area_hist_{name}.csv",

@@ -524,8 +524,10 @@ class LocalizationEvaluator:
         """The merged per-image rows (ascending index), a dict of numpy arrays."""
         return dict(self._table())
 
-    def predictions(self) -> list[dict[str, Any]]:
-        """One dict per image, ascending index: what :meth:`write_predictions` writes."""
+    def predictions(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """One dict per image, ascending index: what :meth:`write_predictions` writes. ``keys``
+        (sample keys by global index, e.g. :func:`pipeline.loader.split_keys`) fills the keys the
+        accumulated rows do not carry."""
         t = self._table()
         has_top1_ref, has_known_ref = self._reference_given(t)
         iou = t["iou"]
@@ -533,7 +535,7 @@ class LocalizationEvaluator:
         scores_given = ~np.isnan(t["topk_scores"]).all(axis=1)
         columns: dict[str, list] = {
             "index": t["index"].tolist(),
-            "key": [str(k) for k in t["key"]],
+            "key": [str(k) if k or keys is None else keys[i] for k, i in zip(t["key"], t["index"])],
             "label": t["label"].tolist(),
             "topk_classes": t["topk_classes"].tolist(),
             "topk_scores": np.round(t["topk_scores"].astype(np.float64), 6).tolist(),
@@ -563,7 +565,7 @@ class LocalizationEvaluator:
                 row["topk_scores"] = None
         return rows
 
-    def write_predictions(self, path: str | Path) -> Path:
+    def write_predictions(self, path: str | Path, keys: Sequence[str] | None = None) -> Path:
         """Write the per-image predictions table, one row per image in ascending index.
 
         Columns: ``index, key, label`` (true class), ``topk_classes``, ``topk_scores``,
@@ -578,7 +580,7 @@ class LocalizationEvaluator:
         cells are JSON strings (``json.loads`` reads them back).
         """
         path = Path(path)
-        rows = self.predictions()
+        rows = self.predictions(keys)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix in (".jsonl", ".json"):
             with open(path, "w") as f:

@@ -1,11 +1,29 @@
 """Experiment tracking: a no-op tracker for ranks > 0 and an MLflow tracker for rank 0.
 
 Only ``launch/`` scripts create a tracker (``make_tracker``); the model and input
-pipeline never see it. MLflow is imported lazily, inside :class:`MlflowTracker`.
+pipeline never see it. MLflow is imported lazily, inside this module's functions.
 
 Where the run goes: ``log.tracking_uri`` when set, else ``MLFLOW_TRACKING_URI``,
-else a SQLite store inside the run directory (``<out_dir>/mlflow.db``, artifacts in
-``<out_dir>/mlartifacts``), so nothing lands in the working directory.
+else a SQLite store inside the run directory (``<out_dir>/mlflow.db``), so nothing
+lands in the working directory. A SQLite store keeps its artifacts beside the database
+(``<dir of mlflow.db>/mlartifacts/<experiment id>/<run id>/``): every run has its own
+folder, whichever run created the experiment (one shared store for several runs, as the
+demo's, no longer puts one run's artifacts inside another run's directory).
+
+What a run carries besides metrics and parameters:
+
+- evaluations under their own names (``eval/<name>/<metric>``; see ``launch/evaluate.py``);
+- its data as MLflow dataset inputs (:func:`cstn.run_records.manifest_dataset`: name, a
+  digest of the shards' sha256, the source root, counts and classes), with context
+  ``training`` or ``evaluation``;
+- where it came from: MLflow's ``mlflow.source.*`` tags (script, git commit), the command
+  line and the world size (:func:`cstn.run_records.source_tags`);
+- system metrics (CPU, memory, disk, network; GPU utilisation and memory when NVML is
+  there) from MLflow's own monitor (``log.system_metrics``);
+- the trained model (:meth:`MlflowTracker.log_model`): an ``mlflow.pytorch`` model with an
+  input example, plus the plain weights and the resolved config as extra files, which is
+  all :func:`cstn.run_records.download_model` and the launch scripts read back (weights only: nothing
+  pickled is ever loaded from the store).
 
 Failure behaviour, chosen for long runs:
 
@@ -25,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 import urllib.error
@@ -57,6 +76,15 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
+
+    def log_dataset(self, manifest_path: str | Path, context: str) -> None:
+        pass
+
+    def start_system_metrics(self, interval_s: float = 10.0) -> None:
+        pass
+
+    def log_model(self, module, cfg, weights: dict, name: str = "model", register_as: str = "") -> str | None:
+        return None
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         return True
@@ -116,8 +144,9 @@ class MlflowTracker(Tracker):
             exp = self._client.get_experiment_by_name(experiment)
             if exp is None:
                 artifact_location = None
-                if tracking_uri.startswith("sqlite:"):
-                    artifact_location = (self.out_dir / "mlartifacts").resolve().as_uri()
+                if tracking_uri.startswith("sqlite:"):  # beside the database: every run gets its own folder
+                    store = Path(tracking_uri[len("sqlite:///"):]).parent
+                    artifact_location = (store / "mlartifacts").resolve().as_uri()
                 exp_id = self._client.create_experiment(experiment, artifact_location=artifact_location)
             else:
                 exp_id = exp.experiment_id
@@ -166,6 +195,69 @@ class MlflowTracker(Tracker):
         for k, v in tags.items():
             self._call(lambda k=k, v=v: self._client.set_tag(self.run_id, k, str(v)))
 
+    def log_dataset(self, manifest_path: str | Path, context: str) -> None:
+        """Log a split (its ``manifest.json``) as a dataset input of the run (``context``: ``training``
+        or ``evaluation``). Logging the same dataset twice (a resume) is harmless."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        from cstn.run_records import manifest_dataset
+
+        dataset = manifest_dataset(manifest_path)
+        self._call(lambda: self._client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]))
+
+    def start_system_metrics(self, interval_s: float = 10.0) -> None:
+        """MLflow's own system-metrics monitor on this run (``system/...`` metrics) until :meth:`close`."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s,
+                                                 samples_before_logging=1, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # never stop training for it
+            print(f"mlflow: warning: no system metrics ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+
+    def log_model(self, module, cfg, weights: dict, name: str = "model", register_as: str = "") -> str | None:
+        """Log ``module`` (e.g. a :class:`cstn.predictor.BoxPredictor`; copied to the CPU) as an
+        ``mlflow.pytorch`` model ``name`` of this run, with a uint8 input example at the config's input
+        size and, as extra files, ``weights`` (``weights.pt``, the model's plain state dict) and the
+        resolved config (``config.yaml``). Registered as ``register_as`` when given. Returns the model
+        URI (``runs:/<run id>/<name>``), or None (with a warning) when it could not be logged."""
+        import copy
+
+        import numpy as np
+        import torch
+
+        from cstn.config import dump_yaml
+
+        try:
+            import mlflow
+            import mlflow.pytorch
+            from mlflow.models import infer_signature
+
+            cpu = copy.deepcopy(module).cpu().float().eval()
+            size = int(cfg.data.image_size)
+            example = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
+            with torch.no_grad():
+                prediction = cpu(torch.from_numpy(example)).numpy()
+            with tempfile.TemporaryDirectory() as tmp:
+                weights_file, config = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
+                torch.save({k: v.detach().cpu() for k, v in weights.items()}, weights_file)
+                config.write_text(dump_yaml(cfg))
+                mlflow.set_tracking_uri(self.uri)
+                with mlflow.start_run(run_id=self.run_id):
+                    mlflow.pytorch.log_model(cpu, name=name, input_example=example,
+                                             signature=infer_signature(example, prediction),
+                                             extra_files=[str(weights_file), str(config)],
+                                             registered_model_name=register_as or None, export_model=False,
+                                             serialization_format="pickle",
+                                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                self._client.update_run(self.run_id, status="RUNNING")  # start_run's exit ended it
+            return f"runs:/{self.run_id}/{name}"
+        except Exception as exc:
+            print(f"mlflow: warning: model {name!r} not logged ({type(exc).__name__}: {str(exc)[:300]})", flush=True)
+            return None
+
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Send everything queued; True when nothing is left pending."""
         deadline = time.time() + timeout_s
@@ -177,6 +269,9 @@ class MlflowTracker(Tracker):
             time.sleep(min(1.0, max(0.0, deadline - time.time())))
 
     def close(self, status: str = "FINISHED") -> None:
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            self._call(monitor.finish)
         self._stop.set()
         self._thread.join(timeout=5)
         if not self.flush(timeout_s=20):

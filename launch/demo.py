@@ -44,7 +44,8 @@ FULL = {"num_train": 4000, "num_test": 1000, "num_heldout": 500, "image_size": 1
         "overrides": []}
 TINY = {"num_train": 48, "num_test": 24, "num_heldout": 16, "image_size": 96, "samples_per_shard": 16,
         "overrides": ["data.image_size=96", "data.batch_size=8", "data.eval_batch_size=8", "model.width=0.25",
-                      "train.epochs=1", "train.max_steps=3", "train.log_every_steps=1", "eval.viz_samples=4"]}
+                      "train.epochs=1", "train.max_steps=3", "train.log_every_steps=1", "eval.viz_samples=4",
+                      "log.system_metrics_interval_s=1"]}
 
 
 def sh(cmd: list[str], log: Path | None = None) -> None:
@@ -106,9 +107,17 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+TRACKING_URI: str | None = None
+"""Where every run of the demo is logged (``--tracking-uri``); None: the SQLite store ``<out>/mlflow.db``."""
+
+
+def tracking_uri(out: Path) -> str:
+    return TRACKING_URI or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+
+
 def run_args(out: Path, name: str, data_root: Path, overrides: list[str]) -> list[str]:
-    return [f"data.root={data_root}", f"train.out_dir={out / name}",
-            f"log.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}", f"log.run_name={name}", *overrides]
+    return [f"data.root={data_root}", f"train.out_dir={out / name}", f"log.tracking_uri={tracking_uri(out)}",
+            f"log.run_name={name}", *overrides]
 
 
 def train(config: str, name: str, out: Path, shards: Path, overrides: list[str]) -> None:
@@ -122,10 +131,12 @@ def train(config: str, name: str, out: Path, shards: Path, overrides: list[str])
 
 def evaluate(config: str, name: str, out: Path, data_root: Path, overrides: list[str], eval_name: str,
              extra: list[str] = ()) -> dict:
-    """2-rank evaluation of the run's latest checkpoint on ``data_root``'s test split.
+    """2-rank evaluation of the run's latest checkpoint on ``data_root``'s test split, named
+    ``eval_name`` (MLflow: ``eval/<eval_name>/<metric>`` in run ``name``).
 
     Skipped when the same request already produced ``metrics.json`` after the run finished (the
-    evaluation of a checkpoint is deterministic), so a rerun with more methods redoes nothing."""
+    evaluation of a checkpoint is deterministic), so a rerun with more methods redoes nothing. The
+    returned metrics carry ``_source`` (run and evaluation name) for the rows built from them."""
     run_dir = out / name
     eval_dir = run_dir / f"eval_{eval_name}"
     request = json.dumps({"config": config, "data": str(data_root), "overrides": list(overrides), "extra": list(extra)})
@@ -133,12 +144,12 @@ def evaluate(config: str, name: str, out: Path, data_root: Path, overrides: list
     if (metrics.is_file() and asked.is_file() and asked.read_text() == request and done.is_file()
             and metrics.stat().st_mtime >= done.stat().st_mtime):
         print(f"= {name}: evaluation {eval_name!r} already done ({metrics})", flush=True)
-        return json.loads(metrics.read_text())
-    sh([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "launch/evaluate.py", "--config", config,
-        *run_args(out, name, data_root, overrides), *extra, "--checkpoint", str(run_dir / "checkpoints"),
-        "--out", str(eval_dir)], log=out / f"{name}_eval_{eval_name}.log")
-    asked.write_text(request)
-    return json.loads(metrics.read_text())
+    else:
+        sh([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "launch/evaluate.py", "--config", config,
+            *run_args(out, name, data_root, overrides), *extra, "--checkpoint", str(run_dir / "checkpoints"),
+            "--out", str(eval_dir), "--name", eval_name], log=out / f"{name}_eval_{eval_name}.log")
+        asked.write_text(request)
+    return {**json.loads(metrics.read_text()), "_source": {"run": name, "evaluation": eval_name}}
 
 
 def thresholds_maps(config: str, overrides: list[str]) -> bool:
@@ -193,8 +204,9 @@ def held_out_row(title: str, tuned: dict, threshold: float) -> dict:
 
 def row(name: str, metrics: dict, suffix: str = "") -> dict:
     """One table row; with ``suffix="_ref"`` the reference-box figures (classification is shared, and
-    the evaluator keeps no reference top-5 boxes, so that cell is None)."""
-    out = {"method": name}
+    the evaluator keeps no reference top-5 boxes, so that cell is None). ``run``, ``evaluation`` and
+    ``suffix`` say where MLflow holds each figure: run ``run``, metric ``eval/<evaluation>/<key><suffix>``."""
+    out = {"method": name, **metrics.get("_source", {}), "suffix": suffix}
     for key, _ in HEADLINE:
         if key + suffix in metrics:
             out[key] = round(float(metrics[key + suffix]), 2)
@@ -214,7 +226,11 @@ def main(argv=None) -> int:
                    help="comparison methods to add to the table (configs/synthetic_<method>.yaml); 'all' for every one")
     p.add_argument("--body-evidence", type=float, default=None,
                    help="class tint of the object's body in the generated data (default: the generator's 0.08)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI for every run (default: the SQLite store <out>/mlflow.db)")
     args = p.parse_args(argv)
+    global TRACKING_URI
+    TRACKING_URI = args.tracking_uri
     if "all" in args.methods:
         args.methods = list(METHOD_TITLES)
     size = TINY if args.tiny else FULL
@@ -241,7 +257,10 @@ def main(argv=None) -> int:
         cells = ("-" if r.get(key) is None else f"{r[key]:.2f}" for key, _ in columns)
         print("  " + r["method"].ljust(width) + "".join(f"  {c:>22}" for c in cells))
     print(f"\nwrote {out / 'results.json'}")
-    print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}   (then open http://127.0.0.1:5000)")
+    if TRACKING_URI:
+        print(f"MLflow: every run is in {TRACKING_URI}, experiment 'demo'")
+    else:
+        print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}   (then open http://127.0.0.1:5000)")
     return 0
 
 

@@ -5,6 +5,17 @@ its shards; rank 0 merges the per-image results (each image once, count checked
 against the manifest), writes ``metrics.json``, ``predictions.csv`` and the plots to
 ``--out`` (default ``<run dir>/eval/<split>-<checkpoint tag>``), and logs them to MLflow:
 into the training run when the checkpoint carries its id, else into a new run.
+
+Every evaluation has a name (``--name``, default: the output folder's name); its metrics go
+to ``eval/<name>/<metric>`` at the checkpoint's step, so evaluations of one checkpoint
+(another split, another threshold, another decoding) never overwrite each other, and the
+evaluated split is logged as a dataset input of the run. Flat names in the training run,
+rather than a nested run per evaluation, keep every figure of a model on one run page and
+comparable across runs in MLflow's table and charts.
+
+``--checkpoint`` also takes a logged MLflow model, ``models:/NAME/VERSION`` or
+``runs:/RUN_ID/model`` (resolved with ``log.tracking_uri`` / ``MLFLOW_TRACKING_URI``); only its
+plain weights and config are read, and the results go into the run that logged it.
 """
 
 from __future__ import annotations
@@ -36,10 +47,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(p)
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint tag directory or a run's checkpoints/ dir; 'init' evaluates the untrained, "
-                        "seeded model (scale and throughput tests: results go to train.out_dir)")
+                   help="a checkpoint tag directory, a run's checkpoints/ dir, an MLflow model (models:/NAME/VERSION, "
+                        "runs:/RUN_ID/model) or 'init' (the untrained, seeded model: scale and throughput tests; "
+                        "results go to train.out_dir)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
     p.add_argument("--out", default=None, help="output directory for metrics.json, predictions and plots")
+    p.add_argument("--name", default=None,
+                   help="name of this evaluation: its metrics are eval/<name>/<metric> (default: the --out folder's name)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = p.parse_intermixed_args(argv)
     dist.prefix_output_with_rank()
@@ -52,14 +66,23 @@ def main(argv=None) -> int:
     from cstn.engine import resolve_precision, summarize
     from cstn.evaluation import evaluate
     from cstn.models import build_model
+    from cstn.run_records import is_model_uri, load_logged_model
     from cstn.tracking import TrackingUnavailable, make_tracker
     from pipeline.loader import build_loader
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
+    untrained = args.checkpoint == "init"
     try:
-        untrained = args.checkpoint == "init"
-        meta = {} if untrained else checkpoint.load_weights(model, cfg, args.checkpoint)
+        if untrained:
+            meta, run_dir, tag_name = {}, Path(cfg.train.out_dir), "init"
+        elif is_model_uri(args.checkpoint):
+            meta = load_logged_model(model, cfg, args.checkpoint)
+            run_dir, tag_name = Path(cfg.train.out_dir), args.checkpoint.rstrip("/").split("/")[-1]
+        else:
+            meta = checkpoint.load_weights(model, cfg, args.checkpoint)
+            tag_dir = checkpoint.find_resume(cfg, args.checkpoint)
+            run_dir, tag_name = tag_dir.parent.parent, tag_dir.name
     except (checkpoint.CheckpointMismatch, FileNotFoundError) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -71,18 +94,16 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"data error: {exc}", file=sys.stderr, flush=True)
         return 2
-    if untrained:
-        run_dir, tag_name = Path(cfg.train.out_dir), "init"
-    else:
-        tag_dir = checkpoint.find_resume(cfg, args.checkpoint)
-        run_dir, tag_name = tag_dir.parent.parent, tag_dir.name
     out_dir = Path(args.out) if args.out else run_dir / "eval" / f"{split}-{tag_name}"
+    name = args.name or out_dir.name
     if dist.is_main():
-        print(f"evaluating {run_dir} ({tag_name}) on split '{split}' ({loader.total_samples} images) with "
-              f"{dist.world_size()} rank(s)", flush=True)
+        print(f"evaluating {args.checkpoint if untrained or is_model_uri(args.checkpoint) else run_dir} ({tag_name}) "
+              f"on split '{split}' ({loader.total_samples} images) with {dist.world_size()} rank(s) as {name!r}",
+              flush=True)
     try:
         metrics = evaluate(model, loader, cfg, out_dir=out_dir, expected_total=loader.total_samples,
-                           expected_boxes=expected_boxes, precision=resolve_precision(cfg))
+                           expected_boxes=expected_boxes, precision=resolve_precision(cfg),
+                           split_dir=Path(cfg.data.root) / split)
     except RuntimeError as exc:
         print(f"evaluation error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -97,11 +118,15 @@ def main(argv=None) -> int:
             print(f"tracking error: {exc}; results are in {out_dir}", file=sys.stderr, flush=True)
             return 2
         if meta.get("mlflow_run_id") is None:
+            from cstn.run_records import source_tags
+
             tracker.log_params(flatten(to_dict(cfg)))
-        tracker.log_metrics({f"eval_{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+            tracker.set_tags(source_tags(__file__, dist.world_size()))
+        tracker.log_dataset(Path(cfg.data.root) / split / "manifest.json", "evaluation")
+        tracker.log_metrics({f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=int(meta.get("step", 0)))
         for f in sorted(out_dir.iterdir()):
-            tracker.log_artifact(f, artifact_path=f"eval/{out_dir.name}")
+            tracker.log_artifact(f, artifact_path=f"eval/{name}")
         tracker.close()
     dist.barrier()
     return 0

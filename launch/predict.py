@@ -53,7 +53,9 @@ def class_names(cfg) -> list[str] | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint tag directory, a run's checkpoints/ dir, or an MLflow model (models:/NAME/VERSION, "
+                        "runs:/RUN_ID/model; its plain weights and config only)")
     p.add_argument("--images", nargs="+", required=True, help="image files and/or directories")
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--viz", action="store_true", help="also draw the boxes on each image")
@@ -69,7 +71,12 @@ def main(argv=None) -> int:
 
     model = build_model(cfg)
     try:
-        checkpoint.load_weights(model, cfg, args.checkpoint)
+        from cstn.run_records import is_model_uri, load_logged_model
+
+        if is_model_uri(args.checkpoint):
+            load_logged_model(model, cfg, args.checkpoint)
+        else:
+            checkpoint.load_weights(model, cfg, args.checkpoint)
         files = list_images(args.images)
     except (checkpoint.CheckpointMismatch, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -137,8 +137,14 @@ def main(argv=None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         tracker.log_params(flatten(to_dict(cfg)))
-        tracker.set_tags({"world_size": world, "precision": precision, "device": str(device)})
+        from cstn.run_records import source_tags
+
+        tracker.set_tags({**source_tags(__file__, world), "precision": precision, "device": str(device)})
         tracker.log_artifact(out_dir / "config.yaml")
+        tracker.log_dataset(split_manifest(cfg, cfg.data.train_split), "training")
+        tracker.log_dataset(split_manifest(cfg, cfg.data.eval_split), "evaluation")
+        if cfg.log.system_metrics:
+            tracker.start_system_metrics(cfg.log.system_metrics_interval_s)
     run_id = tracker.run_id or run_id
 
     def save(epoch_: int, batch_: int, metric=None, is_best=False):
@@ -211,11 +217,12 @@ def main(argv=None) -> int:
         if do_eval:
             metrics = evaluate(engine.module, eval_loader, cfg, max_batches=1 if args.dry_run else None,
                                out_dir=None if args.dry_run else out_dir / "eval" / f"epoch{epoch:03d}",
-                               expected_total=None if args.dry_run else eval_loader.total_samples)
+                               expected_total=None if args.dry_run else eval_loader.total_samples,
+                               split_dir=Path(cfg.data.root) / cfg.data.eval_split)
             if main_rank:
                 print("eval " + summarize(metrics), flush=True)
-                tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                    step)
+                tracker.log_metrics({f"eval/{IN_TRAINING}/{k}": v for k, v in metrics.items()
+                                     if isinstance(v, (int, float))}, step)
                 if not args.dry_run:
                     for f in sorted((out_dir / "eval" / f"epoch{epoch:03d}").iterdir()):
                         tracker.log_artifact(f, artifact_path=f"eval/epoch{epoch:03d}")
@@ -236,9 +243,49 @@ def main(argv=None) -> int:
                   f"the warnings above name their shards", file=sys.stderr, flush=True)
         tracker.log_metrics({"train/skipped_samples": skipped}, step)
         print("done: " + json.dumps(summary), flush=True)
+        if cfg.log.mlflow and cfg.log.log_model and not args.dry_run:
+            log_models(tracker, engine.module, cfg, build_model)
     tracker.close(status=status)
     dist.barrier()
     return 0
+
+
+IN_TRAINING = "train_loop"
+"""Name of the evaluations run by the training loop: their metrics are ``eval/train_loop/<metric>``
+at the step they ran (``launch/evaluate.py`` names its own, ``eval/<name>/<metric>``)."""
+
+
+def split_manifest(cfg, split: str) -> Path:
+    return Path(cfg.data.root) / split / "manifest.json"
+
+
+def log_models(tracker, model, cfg, build_model) -> None:
+    """Rank 0, end of training: the final weights as MLflow model ``model`` and, when the run kept a
+    best checkpoint, its weights as ``best_model``; ``log.register_model`` registers the best one (the
+    final one when there is no best)."""
+    import warnings
+
+    from cstn.predictor import BoxPredictor
+
+    warnings.filterwarnings("ignore", message="no model.backbone_weights given")  # said once at the start already
+    marker = checkpoint.checkpoint_dir(cfg) / "best"
+    best = None
+    if marker.is_file() and (marker.parent / marker.read_text().strip()).is_dir():
+        best = build_model(cfg)
+        checkpoint.load_weights(best, cfg, marker.parent / marker.read_text().strip())
+    # a fresh module with the consolidated weights: the engine's module holds DeepSpeed state (hooks, the
+    # process group) that neither pickles nor belongs in a deployable model
+    final = build_model(cfg)
+    final.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    register = cfg.log.register_model
+    uri = tracker.log_model(BoxPredictor(final, cfg), cfg, final.state_dict(), name="model",
+                            register_as="" if best is not None else register)
+    if best is not None:
+        best_uri = tracker.log_model(BoxPredictor(best, cfg), cfg, best.state_dict(), name="best_model",
+                                     register_as=register)
+        uri = f"{uri}, best {best_uri}" if uri and best_uri else uri or best_uri
+    if uri:
+        print(f"logged MLflow model(s): {uri}" + (f" (registered as {register!r})" if register else ""), flush=True)
 
 
 def run() -> int:

@@ -41,6 +41,7 @@ Contracts shared by both backends (so they deliver the same samples to the same 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -54,7 +55,7 @@ from pipeline.batch import Batch
 __all__ = [
     "ShardError", "CorruptSampleError", "ShardInfo", "SplitInfo", "LoaderRequest", "BatchLoader",
     "build_loader", "make_request", "choose_backend", "backends", "read_split", "check_shard", "read_index",
-    "rank_range", "train_steps_per_epoch", "ANTIALIAS_ABOVE",
+    "rank_range", "train_steps_per_epoch", "ANTIALIAS_ABOVE", "split_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,18 @@ def read_index(path: str | Path) -> list[IndexedSample]:
     if len(samples) != count:
         raise ShardError(f"{path}: header promises {count} samples, the file lists {len(samples)}")
     return samples
+
+
+def split_keys(split_dir: str | Path) -> list[str]:
+    """Every sample's ``__key__`` of a split, by global index (``keys[i]`` is sample ``i``), read from
+    the DALI indexes the manifest lists (no image bytes are read). For the predictions table."""
+    split_dir = Path(split_dir)
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    keys: list[str] = [""] * int(manifest["total"])
+    for shard in manifest["shards"]:
+        for offset, sample in enumerate(read_index(split_dir / shard["index_file"])):
+            keys[int(shard["first_index"]) + offset] = sample.key
+    return keys
 
 
 def _last_line(path: Path) -> str:

@@ -67,3 +67,46 @@ def test_metrics_survive_an_outage_and_resume_continues_the_run(server, tmp_path
     assert history(server.uri, t.run_id, "loss") == [(s, float(s)) for s in range(12)]
     run = MlflowClient(server.uri).get_run(t.run_id)
     assert run.data.params["optim.lr"] == "0.1" and run.info.status == "FINISHED"
+
+
+def test_a_split_is_a_dataset_whose_digest_follows_its_shards(tmp_path):
+    """Same shards, other folder: same digest (the source differs); one shard changed: another digest."""
+    import shutil
+
+    from cstn.run_records import manifest_dataset
+
+    manifest = {"dataset": "cub", "split": "test", "total": 3, "num_shards": 2,
+                "shards": [{"name": "test-000000.tar", "sha256": "a" * 64}, {"name": "test-000001.tar", "sha256": "b" * 64}],
+                "classes": [{"index": 0, "id": "001.x"}, {"index": 1, "id": "002.y"}],
+                "counts": {"boxes": 4, "skipped": 1}}
+    first = tmp_path / "one" / "test"
+    first.mkdir(parents=True)
+    (first / "manifest.json").write_text(json.dumps(manifest))
+    second = tmp_path / "two" / "test"
+    shutil.copytree(first, second)
+    a, b = manifest_dataset(first / "manifest.json"), manifest_dataset(second / "manifest.json")
+    assert a.name == "cub/test" and a.digest == b.digest and len(a.digest) == 16 and a.source != b.source
+    assert json.loads(a.source)["uri"] == str(first.resolve())
+    profile = json.loads(a.profile)
+    assert (profile["samples"], profile["shards"], profile["boxes"], profile["skipped_inputs"]) == (3, 2, 4, 1)
+    assert profile["classes"] == ["0:001.x", "1:002.y"]
+    manifest["shards"][1]["sha256"] = "c" * 64
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    assert manifest_dataset(second / "manifest.json").digest != a.digest
+
+
+def test_source_tags_name_the_script_commit_and_command(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from cstn.run_records import source_tags
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+    tags = source_tags(script, 4)
+    assert tags["mlflow.source.name"] == str(script) and tags["world_size"] == "4" and tags["mlflow.source.type"] == "LOCAL"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=script.parent, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    outside = tmp_path / "x.py"
+    outside.write_text("")
+    assert "mlflow.source.git.commit" not in source_tags(outside, 1)

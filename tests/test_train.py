@@ -104,7 +104,7 @@ def test_resume_is_exact_multinode_and_tracked(tiny_shards, tmp_path):
         steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
         assert steps == list(range(1, 11))
         assert runs[0].data.params["model.backbone"] == "resnet10"
-        assert "eval/gt_known_loc" in runs[0].data.metrics
+        assert "eval/train_loop/gt_known_loc" in runs[0].data.metrics
         artifacts = [f.path for f in client.list_artifacts(runs[0].info.run_id)]
         assert "config.yaml" in artifacts and "eval" in artifacts
         run_a = client.search_runs([client.get_experiment_by_name("A").experiment_id])[0]

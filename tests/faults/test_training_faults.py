@@ -59,7 +59,7 @@ def test_tracking_server_outage(reference):
     printed = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step (\d+)/10 .*? loss ([\d.]+)", out)}
     assert {step: round(value, 4) for step, value in history} == printed  # the values training printed
     assert "mlflow: tracking server back after" in out  # the queued values went out once it answered
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/gt_known_loc")) == [5, 10]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/train_loop/gt_known_loc")) == [5, 10]
     assert run.info.status == "FINISHED"
     epoch1 = [f.path for f in client.list_artifacts(run.info.run_id, "eval/epoch001")]
     assert "eval/epoch001/metrics.json" in epoch1, epoch1  # uploaded while the server was down: retried
