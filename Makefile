@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo compare sweep test install bench eval-scale clean
+.PHONY: demo compare sweep test install bench eval-scale gpu-check clean
 
 install: $(STAMP)
 
@@ -41,7 +41,12 @@ eval-scale: $(STAMP)
 	$(PY) bench/eval_scale.py
 
 bench: $(STAMP)
-	for b in $(filter-out bench/eval_scale.py,$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(filter-out bench/eval_scale.py bench/gpu_check.py,$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Every GPU path measured and checked in one command (about 8 min on one GPU; exits 2 without CUDA).
+GPU_CHECK_OUT ?= gpu_check.json
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf runs data .pytest_cache

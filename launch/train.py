@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     skipped = int(dist.all_reduce_sum([float(getattr(train_loader, "skipped", 0))])[0])
     if main_rank:
         summary = {"step": step, "epoch": epoch, "best_metric": best_metric, "skipped_samples": skipped}
+        if torch.cuda.is_available():  # rank 0's device; bench/gpu_check.py reads it
+            summary["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
         if skipped:
             print(f"warning: {skipped} corrupt training sample(s) were skipped (data.on_corrupt=skip); "
                   f"the warnings above name their shards", file=sys.stderr, flush=True)
