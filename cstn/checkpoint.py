@@ -5,16 +5,22 @@ Layout under ``<out_dir>/checkpoints``::
     step00000120/                 one DeepSpeed tag (written by every rank)
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files
         rng_rank{r}.pt            each rank's RNG states (torch, numpy, python, cuda)
-        meta.json                 written last by rank 0: step, epoch, metric, model config
+        meta.json                 written last by rank 0: step, epoch, metric, model config, and
+                                  every other file of the tag with its size and sha256
     latest                        tag of the newest COMPLETE checkpoint (atomic replace)
     best                          tag of the best checkpoint by ``train.best_metric``
 
 A checkpoint counts only once ``meta.json`` exists, and ``latest`` moves only after it:
-a job killed while saving leaves the previous checkpoint as ``latest``.
+a job killed while saving leaves the previous checkpoint as ``latest``. A checkpoint damaged
+afterwards (a file truncated, overwritten or missing, ``meta.json`` unreadable) fails
+:func:`verify`: ``--resume auto`` and a checkpoints directory given as ``--checkpoint`` fall
+back to the newest complete tag that verifies, naming each tag skipped and why; a tag directory
+given explicitly that fails is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -33,6 +39,54 @@ META = "meta.json"
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint from another model configuration."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: damaged, incomplete or unreadable (the message names the file)."""
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _inventory(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a tag except ``meta.json``: name -> ``{"bytes", "sha256"}``."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+            for p in sorted(Path(tag_dir).iterdir()) if p.is_file() and p.name != META and not p.name.endswith(".tmp")}
+
+
+def verify(tag_dir: str | Path, names: list[str] | None = None, hashes: bool = True) -> str | None:
+    """Why the checkpoint ``tag_dir`` cannot be used, or None when it verifies.
+
+    ``meta.json`` must parse; every file it lists (or only ``names``) must exist with its size and,
+    with ``hashes``, its sha256. Checkpoints written before files were listed verify by their
+    ``meta.json`` alone.
+    """
+    tag_dir = Path(tag_dir)
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+    except FileNotFoundError:
+        return f"{tag_dir / META} is missing (the checkpoint was never completed)"
+    except (OSError, ValueError) as exc:
+        return f"{tag_dir / META} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    files = meta.get("files") or {}
+    for name, expected in files.items():
+        if names is not None and name not in names:
+            continue
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path} has {size} bytes, meta.json lists {expected['bytes']} (truncated or overwritten)"
+        if hashes and file_digest(path) != expected["sha256"]:
+            return f"{path} does not match its sha256 in meta.json (overwritten or corrupted)"
+    return None
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -99,7 +153,11 @@ def save(engine, cfg: Config, client_state: dict[str, Any], metric: float | None
         meta = {"tag": tag, "step": client_state["step"], "epoch": client_state["epoch"],
                 "batch_in_epoch": client_state.get("batch_in_epoch", 0), "metric": metric,
                 "config_hash": config_hash(cfg), "model_config": to_dict(cfg.model),
-                "world_size": dist.world_size(), "mlflow_run_id": client_state.get("mlflow_run_id")}
+                "world_size": dist.world_size(), "mlflow_run_id": client_state.get("mlflow_run_id"),
+                "data_world": client_state.get("data_world", dist.world_size()),
+                "data_accum": client_state.get("data_accum", cfg.train.grad_accum),
+                "micro_batch": cfg.data.batch_size, "zero_stage": cfg.train.zero_stage,
+                "files": _inventory(ckpt / tag)}
         _atomic_write(ckpt / tag / META, json.dumps(meta, indent=2))
         _atomic_write(ckpt / "latest", tag)
         if is_best:
@@ -127,25 +185,50 @@ def prune(ckpt: Path, keep_last: int) -> None:
             shutil.rmtree(ckpt / tag, ignore_errors=True)
 
 
-def find_resume(cfg: Config, resume: str | None) -> Path | None:
-    """``auto``: the run's ``latest`` complete checkpoint (None when there is none); else a tag dir path."""
+def find_resume(cfg: Config, resume: str | None, hashes: bool = True, names: list[str] | None = None) -> Path | None:
+    """The checkpoint to load, verified (:func:`verify`; ``names`` limits which files must verify).
+
+    ``auto``: the run's ``latest`` complete checkpoint, or the newest one that verifies when it does
+    not (each skipped tag is named with its reason on stdout); None when the run has none; a
+    :class:`CheckpointError` listing every tag when none verifies (starting over would silently
+    lose the run). A checkpoints directory behaves like ``auto`` on it. A tag directory must
+    verify itself.
+    """
     if not resume:
         return None
     if resume == "auto":
-        ckpt = checkpoint_dir(cfg)
-        latest = ckpt / "latest"
-        if latest.is_file():
-            tag_dir = ckpt / latest.read_text().strip()
-            if (tag_dir / META).is_file():
-                return tag_dir
-        tags = complete_tags(ckpt)  # `latest` missing or damaged: newest complete one
-        return ckpt / tags[-1] if tags else None
+        return _newest_verified(checkpoint_dir(cfg), hashes, names)
     path = Path(resume)
-    if path.is_dir() and (path / "latest").is_file():  # a checkpoints dir
-        path = path / (path / "latest").read_text().strip()
-    if not (path / META).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
+    if path.is_dir() and not (path / META).exists() and ((path / "latest").is_file() or complete_tags(path)):
+        found = _newest_verified(path, hashes, names)
+        if found is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint")
+        return found
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint (a tag directory or a run's checkpoints/ directory)")
+    problem = verify(path, names, hashes)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
     return path
+
+
+def _newest_verified(ckpt: Path, hashes: bool, names: list[str] | None) -> Path | None:
+    tags = complete_tags(ckpt)
+    latest = ckpt / "latest"
+    if latest.is_file() and latest.read_text().strip() in tags:  # `latest` first, then newest to oldest
+        tags.remove(latest.read_text().strip())
+        tags.append(latest.read_text().strip())
+    if not tags:
+        return None
+    skipped = []
+    for tag in reversed(tags):
+        problem = verify(ckpt / tag, names, hashes)
+        if problem is None:
+            for reason in skipped:
+                print(f"checkpoint warning: skipped {reason}; using {ckpt / tag}", flush=True)
+            return ckpt / tag
+        skipped.append(f"{tag} ({problem})")
+    raise CheckpointError(f"no checkpoint under {ckpt} verifies: " + "; ".join(skipped))
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
@@ -175,12 +258,19 @@ def load(engine, cfg: Config, tag_dir: Path) -> dict[str, Any]:
     """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the client state."""
     tag_dir = Path(tag_dir)
     check_compatible(cfg, read_meta(tag_dir), str(tag_dir))
-    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    try:
+        _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as exc:  # DeepSpeed's own errors name neither the tag nor the file
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}") from None
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        except Exception as exc:
+            raise CheckpointError(f"{rng_file} is unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
     return client_state
 
 
@@ -201,13 +291,16 @@ def load_exported(model: torch.nn.Module, cfg: Config, folder: str | Path, sourc
 
 def load_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> dict[str, Any]:
     """Load weights only (evaluation, prediction) from a tag dir or a checkpoints dir, no engine needed."""
-    tag_dir = find_resume(cfg, str(path))
+    tag_dir = find_resume(cfg, str(path), names=[META, "mp_rank_00_model_states.pt"])
     meta = read_meta(tag_dir)
     check_compatible(cfg, meta, str(tag_dir))
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
         raise FileNotFoundError(f"{tag_dir} holds no mp_rank_*_model_states.pt")
-    blob = torch.load(states[0], map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(states[0], map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{states[0]} is unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
     weights = {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
     model.load_state_dict(weights)
-    return meta
+    return {**meta, "__tag_dir__": str(tag_dir)}

@@ -77,6 +77,8 @@ class DataConfig:
     """What a corrupt sample inside a shard does: ``fail`` (error naming the shard) or ``skip`` (counted)."""
     shuffle_buffer: int = 1000
     """Samples held for in-reader shuffling in training (shards are also pre-shuffled at conversion)."""
+    verify_shards: str = "cheap"
+    """Shard identity check at open: ``cheap`` (sizes, counts, the index's sha256, the first/last sample's global index against the manifest), ``full`` (also every tar's sha256, once per file version, cached) or ``off``."""
 
 
 @dataclass
@@ -311,6 +313,7 @@ class Config:
 _CHOICES = {
     "data.backend": ("auto", "dali", "torch"),
     "data.on_corrupt": ("fail", "skip"),
+    "data.verify_shards": ("off", "cheap", "full"),
     "model.arch": ("cstn", "cam", "has", "acol", "spg", "adl", "cutmix"),
     "model.head": ("cstn", "conv"),
     "model.head_impl": ("fast", "reference", "im2col", "deform", "project"),

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     for run in args.runs:
         path = Path(run) / "results.json"
         if not path.is_file():
-            print(f"compare: {path} is missing (run launch/demo.py --out {run} --methods all first)", file=sys.stderr)
+            print(f"data error: {path} is missing (run launch/demo.py --out {run} --methods all first)", file=sys.stderr)
             return 2
         results.append(json.loads(path.read_text()))
     rows = aggregate(results)

@@ -81,9 +81,9 @@ def main(argv=None) -> int:
             run_dir, tag_name = Path(cfg.train.out_dir), args.checkpoint.rstrip("/").split("/")[-1]
         else:
             meta = checkpoint.load_weights(model, cfg, args.checkpoint)
-            tag_dir = checkpoint.find_resume(cfg, args.checkpoint)
+            tag_dir = Path(meta["__tag_dir__"])
             run_dir, tag_name = tag_dir.parent.parent, tag_dir.name
-    except (checkpoint.CheckpointMismatch, FileNotFoundError) as exc:
+    except (checkpoint.CheckpointMismatch, checkpoint.CheckpointError, FileNotFoundError) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
         return 2
     device = dist.device()

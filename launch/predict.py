@@ -2,8 +2,16 @@
 
 Writes ``<out>/predictions.jsonl`` (one line per image: file, width, height, top-5 classes
 with names and scores, the Top-1 box and its reference box in original pixels ``xyxy``,
-and the FPN level it came from) and, with ``--viz``, one picture per image with the
-reference box in blue and the transformed box in red (CAM: the box of the class map).
+and the FPN level it came from), decoded exactly as the evaluator decodes (``eval.*``: the MAP
+box, box voting or a thresholded map for CSTN; the thresholded class map for CAM), and, with
+``--viz``, one picture per image under ``<out>/viz/`` at the image's path relative to the folder
+it was found in (so two ``a.jpg`` in different subfolders never overwrite each other), with the
+reference box in blue and the predicted box in red.
+
+Images are decoded strictly: a truncated or damaged JPEG (which libjpeg would otherwise decode
+into grey rows with a warning) or an unreadable file is skipped, named on stderr with its reason
+and listed in ``<out>/skipped.jsonl``; the others are processed. Exit status: 0 when every image
+was processed, 1 when some were skipped, 2 for a configuration, checkpoint or input error.
 """
 
 from __future__ import annotations
@@ -24,19 +32,41 @@ from pipeline.schema import boxes_to_original
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def list_images(items: list[str]) -> list[Path]:
-    files: list[Path] = []
+def list_images(items: list[str]) -> list[tuple[Path, Path]]:
+    """``(file, name)`` of every image: ``name`` is the path relative to the directory it was found in
+    (a file given directly keeps its own name)."""
+    files: list[tuple[Path, Path]] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend((p, p.relative_to(path)) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file():
-            files.append(path)
+            files.append((path, Path(path.name)))
         else:
             raise FileNotFoundError(f"no such image or directory: {path}")
     if not files:
         raise FileNotFoundError(f"no images found in {items}")
     return files
+
+
+def decode_strict(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, or ValueError with the reason. JPEGs go through libjpeg-turbo with warnings as
+    errors (simplejpeg ``strict=True``: a truncated file fails instead of decoding into grey rows);
+    other formats through OpenCV."""
+    import simplejpeg
+
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("empty file")
+    if data[:2] == b"\xff\xd8":
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except ValueError as exc:
+            raise ValueError(f"damaged JPEG ({exc})") from None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("not a readable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def class_names(cfg) -> list[str] | None:
@@ -64,9 +94,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
-    from cstn.boxes import predict
-    from cstn.evaluation import normalised_class_maps
-    from cstn.metrics import cam_boxes
+    from cstn.evaluation import score_cam, score_cstn
     from cstn.models import build_model, is_cam_family
 
     model = build_model(cfg)
@@ -77,51 +105,49 @@ def main(argv=None) -> int:
             load_logged_model(model, cfg, args.checkpoint)
         else:
             checkpoint.load_weights(model, cfg, args.checkpoint)
+    except (checkpoint.CheckpointMismatch, checkpoint.CheckpointError, FileNotFoundError) as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    try:
         files = list_images(args.images)
-    except (checkpoint.CheckpointMismatch, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except FileNotFoundError as exc:
+        print(f"input error: {exc}", file=sys.stderr)
         return 2
     model.eval()
     names = class_names(cfg)
     size = cfg.data.image_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, skipped = [], []
     for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
         originals, tensors = [], []
-        for f in chunk:
-            bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if bgr is None:
-                print(f"skipped {f}: not a readable image", file=sys.stderr)
+        for f, name in files[start:start + args.batch_size]:
+            try:
+                rgb = decode_strict(f)
+            except (OSError, ValueError) as exc:
+                print(f"skipped {f}: {exc}", file=sys.stderr)
+                skipped.append({"file": str(f), "reason": str(exc)})
                 continue
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            originals.append((f, rgb))
+            originals.append((f, name, rgb))
             tensors.append(torch.from_numpy(cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)))
         if not tensors:
             continue
         images = torch.stack(tensors).permute(0, 3, 1, 2).contiguous()
         with torch.no_grad():
             output = model(images)
-        wh = torch.tensor([[rgb.shape[1], rgb.shape[0]] for _, rgb in originals], dtype=torch.float64)
-        if is_cam_family(cfg.model.arch):
-            probs = output.logits.float().softmax(1)
-            scores, classes = probs.topk(min(5, probs.shape[1]), dim=1)
-            maps = normalised_class_maps(output.cams, classes[:, 0], size).numpy()
-            box = torch.tensor(np.stack([cam_boxes(m, cfg.eval.cam_fixed_threshold)[0] for m in maps]))
-            ref, level = box, [None] * len(originals)
-        else:
-            pred = predict(output, topk=5, use_transform=cfg.eval.use_transform,
-                           level_choice=cfg.eval.level_choice)
-            scores, classes, box, ref = pred.topk_scores, pred.topk_classes, pred.top1_box, pred.top1_ref_box
-            level = pred.top1_level.tolist()
-        box = boxes_to_original(box.double()[:, None], wh[:, 0], wh[:, 1], size)[:, 0]
-        ref = boxes_to_original(ref.double()[:, None], wh[:, 0], wh[:, 1], size)[:, 0]
-        for j, (f, rgb) in enumerate(originals):
-            cls = classes[j].tolist()
+            classes = output.class_log_probs().argmax(dim=1)
+            scored = score_cam(model, output, classes, cfg) if is_cam_family(cfg.model.arch) \
+                else score_cstn(output, classes, cfg)
+        wh = torch.tensor([[rgb.shape[1], rgb.shape[0]] for _, _, rgb in originals], dtype=torch.float64)
+        box = boxes_to_original(scored.top1.double()[:, None], wh[:, 0], wh[:, 1], size)[:, 0]
+        ref = box if scored.ref_top1 is None else \
+            boxes_to_original(scored.ref_top1.double()[:, None], wh[:, 0], wh[:, 1], size)[:, 0]
+        level = [None] * len(originals) if scored.levels is None else scored.levels.tolist()
+        for j, (f, name, rgb) in enumerate(originals):
+            cls = scored.topk_classes[j].tolist()
             rows.append({"file": str(f), "width": rgb.shape[1], "height": rgb.shape[0],
                          "top5_classes": cls, "top5_names": [names[c] for c in cls] if names else None,
-                         "top5_scores": [round(float(s), 6) for s in scores[j]],
+                         "top5_scores": [round(float(s), 6) for s in scored.topk_scores[j]],
                          "box": [round(float(v), 2) for v in box[j]], "ref_box": [round(float(v), 2) for v in ref[j]],
                          "level": level[j]})
             if args.viz:
@@ -131,12 +157,18 @@ def main(argv=None) -> int:
                     cv2.rectangle(canvas, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour, 2)
                 label = names[cls[0]] if names else str(cls[0])
                 cv2.putText(canvas, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
-                cv2.imwrite(str(out / f"{f.stem}_boxes.jpg"), canvas)
+                picture = out / "viz" / name.parent / f"{name.stem}_boxes.jpg"
+                picture.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(picture), canvas)
     with open(out / "predictions.jsonl", "w") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
-    print(f"wrote {len(rows)} predictions to {out / 'predictions.jsonl'}")
-    return 0
+    with open(out / "skipped.jsonl", "w") as fh:
+        for row in skipped:
+            fh.write(json.dumps(row) + "\n")
+    print(f"wrote {len(rows)} predictions to {out / 'predictions.jsonl'}"
+          + (f"; skipped {len(skipped)} unreadable image(s), listed in {out / 'skipped.jsonl'}" if skipped else ""))
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":

@@ -92,14 +92,24 @@ def main(argv=None) -> int:
     from pipeline.loader import build_loader
 
     model = build_model(cfg)
-    checkpoint.load_weights(model, cfg, args.checkpoint)
+    try:
+        checkpoint.load_weights(model, cfg, args.checkpoint)
+    except (checkpoint.CheckpointError, checkpoint.CheckpointMismatch, FileNotFoundError) as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
     analytic = dict(model.cell_maps)
 
     def loader(root):
         cfg.data.root = root
         return build_loader(cfg, cfg.data.eval_split, 0, 1, train=False, backend="torch")
 
-    centres = effective_centres(model, loader(args.heldout))
+    try:
+        held = loader(args.heldout)
+        loader(args.test)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"data error: {exc}", file=sys.stderr)
+        return 2
+    centres = effective_centres(model, held)
     corrected = {level: fit_map(c, analytic[level]) for level, c in centres.items()}
     result = {"centres": {f"P{lv}": np.round(c, 2).tolist() for lv, c in centres.items()},
               "analytic": {f"P{lv}": vars(m) for lv, m in analytic.items()},

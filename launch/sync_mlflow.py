@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cstn.config import load_config
-from cstn.tracking import PENDING_FILE, check_reachable, resolve_tracking_uri
+from cstn.tracking import PENDING_FILE, TrackingUnavailable, check_reachable, resolve_tracking_uri
 
 
 def main(argv=None) -> int:
@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default="", help="default: the run's config, MLFLOW_TRACKING_URI, local store")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"run directory error: {run_dir} does not exist", file=sys.stderr)
+        return 2
     spool = run_dir / PENDING_FILE
     if not spool.is_file():
         print(f"nothing to send: {spool} does not exist")
@@ -31,7 +34,11 @@ def main(argv=None) -> int:
     if not configured and (run_dir / "config.yaml").is_file():
         configured = load_config(run_dir / "config.yaml", base=None).log.tracking_uri
     uri = resolve_tracking_uri(configured, run_dir)
-    check_reachable(uri)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as exc:
+        print(f"tracking error: {exc}", file=sys.stderr)
+        return 2
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 

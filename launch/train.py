@@ -27,6 +27,7 @@ import torch
 
 from cstn import checkpoint, dist
 from cstn.config import add_config_args, config_from_args, flatten, save_config, to_dict
+from cstn.data_plan import DataPlan, plan_for
 from cstn.engine import (Progress, all_finite, deepspeed_config, resolve_precision, skip_batches, summarize,
                          sync_buffers)
 
@@ -77,6 +78,12 @@ def main(argv=None) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.train.out_dir)
     precision = resolve_precision(cfg)
+    if not args.dry_run:  # one job per run directory, before anything in it is touched
+        problem = take_run_lock(out_dir) if main_rank else ""
+        problem = dist.broadcast_object(problem)
+        if problem:
+            print(f"run directory error: {problem}", file=sys.stderr, flush=True)
+            return 2
 
     # Imports that pull heavy dependencies come after argument and config errors are reported.
     import deepspeed
@@ -104,9 +111,39 @@ def main(argv=None) -> int:
             print(f"checkpoint error: {problem or 'the checkpoint preflight failed on another rank'}; "
                   f"no training step was run", file=sys.stderr, flush=True)
             return 2
-    train_loader = build_loader(cfg, cfg.data.train_split, rank, world, train=True)
-    eval_loader = build_loader(cfg, cfg.data.eval_split, rank, world, train=False)
-    steps_per_epoch = max(1, train_loader.num_batches // cfg.train.grad_accum)
+    # Rank 0 picks (and verifies) the checkpoint to resume, every rank loads that one. Its data layout
+    # decides which micro-batches each rank trains on (cstn.data_plan), also on another world size.
+    problem = ""
+    try:
+        tag_dir = checkpoint.find_resume(cfg, args.resume) if main_rank and not args.dry_run else None
+    except (checkpoint.CheckpointError, FileNotFoundError) as exc:
+        tag_dir, problem = None, str(exc)
+    tag_dir, problem = dist.broadcast_object((None if tag_dir is None else str(tag_dir), problem))
+    if problem:
+        print(f"checkpoint error: {problem}", file=sys.stderr, flush=True)
+        return 2
+    tag_dir = None if tag_dir is None else Path(tag_dir)
+    plan, note, problem = plan_for(world, rank, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.zero_stage,
+                                   checkpoint.read_meta(tag_dir) if tag_dir else None)
+    if problem:
+        print(f"resume error: {problem}", file=sys.stderr, flush=True)
+        return 2
+    if note and main_rank:
+        print(f"resume: {note}", flush=True)
+    cfg.train.grad_accum = plan.accum
+    try:  # a missing or damaged split is one line naming it, as in launch/evaluate.py
+        streams = {v: build_loader(cfg, cfg.data.train_split, v, plan.data_world, train=True) for v in plan.hosted}
+        eval_loader = build_loader(cfg, cfg.data.eval_split, rank, world, train=False)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: ShardingError, ShardError
+        print(f"data error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    stream_batches = min(s.num_batches for s in streams.values())  # equal: every data rank runs whole batches
+    steps_per_epoch = stream_batches // plan.data_accum
+    if steps_per_epoch == 0:
+        print(f"data error: split {cfg.data.train_split!r} gives each of {plan.data_world} data rank(s) "
+              f"{stream_batches} batch(es) of {cfg.data.batch_size}, fewer than the {plan.data_accum} an optimizer "
+              f"step takes", file=sys.stderr, flush=True)
+        return 2
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -118,9 +155,12 @@ def main(argv=None) -> int:
 
     # -- resume ---------------------------------------------------------------
     start_epoch, step, batch_in_epoch, best_metric, run_id = 0, 0, 0, -math.inf, None
-    tag_dir = None if args.dry_run else checkpoint.find_resume(cfg, args.resume)
     if tag_dir is not None:
-        state = checkpoint.load(engine, cfg, tag_dir)
+        try:
+            state = checkpoint.load(engine, cfg, tag_dir)
+        except (checkpoint.CheckpointError, checkpoint.CheckpointMismatch) as exc:
+            print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
+            return 2
         start_epoch, step = state["epoch"], state["step"]
         batch_in_epoch = state.get("batch_in_epoch", 0)
         best_metric = state.get("best_metric", -math.inf)
@@ -149,43 +189,50 @@ def main(argv=None) -> int:
 
     def save(epoch_: int, batch_: int, metric=None, is_best=False):
         client = {"epoch": epoch_, "step": step, "batch_in_epoch": batch_, "best_metric": best_metric,
-                  "mlflow_run_id": run_id, "seed": cfg.train.seed}
+                  "mlflow_run_id": run_id, "seed": cfg.train.seed, "data_world": plan.data_world,
+                  "data_accum": plan.data_accum}
         tag = checkpoint.save(engine, cfg, client, metric=metric, is_best=is_best)
         if main_rank:
             print(f"checkpoint {tag} written", flush=True)
 
     preempt = Preemption()
     progress = Progress(total_steps, world)
-    micro = 0  # micro-batches since the last optimizer step
     epoch = start_epoch
     stop = step >= total_steps
     status = "FINISHED"
+    # batch_in_epoch: batches each data stream has given this epoch (data_accum per optimizer step)
     while not stop and epoch < cfg.train.epochs:
-        train_loader.set_epoch(epoch)
+        for stream in streams.values():
+            stream.set_epoch(epoch)
+        feeds = {v: skip_batches(stream, batch_in_epoch) for v, stream in streams.items()}
         engine.train()
-        batches = skip_batches(train_loader, batch_in_epoch)
-        for batch in batches:
-            progress.data_ready()
-            batch = batch.to(device)
-            output = engine(batch.images, labels=batch.labels)  # ACoL and SPG use them in training
-            losses = compute_loss(output, batch.labels, cfg.loss)
-            if not all_finite(losses["loss"]):
-                if main_rank:
-                    print(f"non-finite loss at step {step} (epoch {epoch}): "
-                          + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-                          + "; stopping. The last good checkpoint is kept.", file=sys.stderr, flush=True)
-                tracker.close(status="FAILED")
-                return 3
-            engine.backward(losses["loss"])
-            engine.step()
-            batch_in_epoch += 1
-            micro += 1
-            if micro < cfg.train.grad_accum:
-                continue
-            micro = 0
+        while batch_in_epoch + plan.data_accum <= stream_batches:
+            images = 0
+            for slot in range(plan.slots):  # the step's micro-batches, in the run's order
+                feed = feeds.get(DataPlan.stream(slot, plan.data_world))
+                if feed is None:
+                    continue
+                progress.data_ready()
+                batch = next(feed, None)
+                if batch is None or not plan.mine(slot):
+                    continue
+                batch = batch.to(device)
+                output = engine(batch.images, labels=batch.labels)  # ACoL and SPG use them in training
+                losses = compute_loss(output, batch.labels, cfg.loss)
+                if not all_finite(losses["loss"]):
+                    if main_rank:
+                        print(f"non-finite loss at step {step} (epoch {epoch}): "
+                              + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                              + "; stopping. The last good checkpoint is kept.", file=sys.stderr, flush=True)
+                    tracker.close(status="FAILED")
+                    return 3
+                engine.backward(losses["loss"])
+                engine.step()
+                images += len(batch)
+            batch_in_epoch += plan.data_accum
             step += 1
             sync_buffers(engine.module)  # one set of BatchNorm statistics on every rank
-            progress.step_done(len(batch), {k: float(v.detach()) for k, v in losses.items()})
+            progress.step_done(images, {k: float(v.detach()) for k, v in losses.items()})
             if main_rank and (step % cfg.train.log_every_steps == 0 or step == total_steps):
                 lr = scheduler.get_last_lr()[0]
                 print(progress.line(step, epoch, lr), flush=True)
@@ -209,7 +256,7 @@ def main(argv=None) -> int:
                 save(epoch, batch_in_epoch)
             if stop:
                 break
-        epoch_done = batch_in_epoch >= train_loader.num_batches
+        epoch_done = batch_in_epoch + plan.data_accum > stream_batches
         if epoch_done:
             epoch, batch_in_epoch = epoch + 1, 0
         do_eval = args.dry_run or stop or (cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0)
@@ -235,7 +282,7 @@ def main(argv=None) -> int:
             break
         progress.restart_clock()  # evaluation and checkpoint time is not training time
     # Corrupt samples skipped by the reader (data.on_corrupt=skip), summed over the ranks.
-    skipped = int(dist.all_reduce_sum([float(getattr(train_loader, "skipped", 0))])[0])
+    skipped = int(dist.all_reduce_sum([float(sum(getattr(s, "skipped", 0) for s in streams.values()))])[0])
     if main_rank:
         summary = {"step": step, "epoch": epoch, "best_metric": best_metric, "skipped_samples": skipped}
         if torch.cuda.is_available():  # rank 0's device; bench/gpu_check.py reads it
@@ -255,6 +302,25 @@ def main(argv=None) -> int:
 IN_TRAINING = "train_loop"
 """Name of the evaluations run by the training loop: their metrics are ``eval/train_loop/<metric>``
 at the step they ran (``launch/evaluate.py`` names its own, ``eval/<name>/<metric>``)."""
+
+
+def take_run_lock(out_dir: Path) -> str:
+    """Rank 0: hold ``<out_dir>/job.lock`` until this process exits; "" or why not."""
+    import atexit
+
+    from cstn.run_lock import RunDirectoryBusy, RunLock
+
+    lock = RunLock(out_dir)
+    try:
+        note = lock.acquire()
+    except RunDirectoryBusy as exc:
+        return str(exc)
+    except OSError:  # the directory cannot be made: the checkpoint preflight names it, before any step
+        return ""
+    atexit.register(lock.release)
+    if note:
+        print(f"run directory: {note}", flush=True)
+    return ""
 
 
 def split_manifest(cfg, split: str) -> Path:

@@ -55,7 +55,7 @@ from pipeline.batch import Batch
 __all__ = [
     "ShardError", "CorruptSampleError", "ShardInfo", "SplitInfo", "LoaderRequest", "BatchLoader",
     "build_loader", "make_request", "choose_backend", "backends", "read_split", "check_shard", "read_index",
-    "rank_range", "train_steps_per_epoch", "ANTIALIAS_ABOVE", "split_keys",
+    "rank_range", "train_steps_per_epoch", "ANTIALIAS_ABOVE", "split_keys", "VERIFY_SHARDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ class ShardInfo:
         index: path of its DALI ``.idx`` (same stem).
         count: samples in the shard (from the manifest).
         nbytes: tar size in bytes when the manifest records it, else None.
+        first_index: global index of its first sample, sha256 and idx_sha256 of the tar and the
+            ``.idx``, first_key and last_key of its samples, when the manifest records them (the
+            shard-identity checks of :func:`check_shard`).
     """
 
     name: str
@@ -98,6 +101,11 @@ class ShardInfo:
     index: Path
     count: int
     nbytes: Optional[int] = None
+    first_index: Optional[int] = None
+    sha256: Optional[str] = None
+    idx_sha256: Optional[str] = None
+    first_key: Optional[str] = None
+    last_key: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,10 @@ def read_split(root: str | Path, split: str) -> SplitInfo:
         tar = split_dir / entry["name"]
         index = split_dir / entry.get("index_file", tar.with_suffix(".idx").name)
         shards.append(ShardInfo(name=tar.name, tar=tar, index=index, count=int(entry["count"]),
-                                nbytes=int(entry["bytes"]) if "bytes" in entry else None))
+                                nbytes=int(entry["bytes"]) if "bytes" in entry else None,
+                                first_index=int(entry["first_index"]) if "first_index" in entry else None,
+                                sha256=entry.get("sha256"), idx_sha256=entry.get("idx_sha256"),
+                                first_key=entry.get("first_key"), last_key=entry.get("last_key")))
     if not shards:
         raise ShardError(f"{split_dir / 'manifest.json'}: lists no shards")
     classes = tuple(str(c.get("name", c.get("id", ""))) if isinstance(c, dict) else str(c) for c in manifest.classes)
@@ -235,15 +246,26 @@ def _tar_member_name(f, data_offset: int) -> str:
     return name
 
 
-def check_shard(shard: ShardInfo, required: tuple[str, ...] = REQUIRED_MEMBERS) -> None:
-    """Cheap consistency check of a shard against its index and the manifest (no image is read).
+VERIFY_SHARDS = ("off", "cheap", "full")
 
-    Raises :class:`ShardError` naming the file when the tar or the ``.idx`` is missing, the tar is
-    shorter than the index needs (truncated) or than the manifest recorded, the index lists a
-    different number of samples than the manifest, lacks a required member, or its first/last
-    sample's tar headers do not carry the names it lists (the tar changed after the index was
-    written: stale). Costs two small reads of each file, so it runs for every shard at build time.
+
+def check_shard(shard: ShardInfo, required: tuple[str, ...] = REQUIRED_MEMBERS, mode: str = "cheap") -> None:
+    """Consistency and identity check of a shard against its index and the manifest (``data.verify_shards``).
+
+    ``cheap`` (the default; no image is read): raises :class:`ShardError` naming the file when the tar
+    or the ``.idx`` is missing, the tar is shorter than the index needs (truncated) or than the
+    manifest recorded, the index lists a different number of samples than the manifest, lacks a
+    required member, is not the index the converter wrote (its sha256 differs from the manifest's),
+    its first/last sample's tar headers do not carry the names it lists (stale), or those samples'
+    keys or global indices are not the ones the manifest records for this shard (a shard of another
+    split or another position copied over this one, with its index or a rebuilt one). Costs a few small reads per shard, so it runs
+    for every shard at build time. ``full`` also checks the tar's sha256 against the manifest, once
+    per shard and file version (cached, see :func:`_verified_digest`). ``off`` checks nothing.
     """
+    if mode not in VERIFY_SHARDS:
+        raise ValueError(f"data.verify_shards={mode!r} is not one of {list(VERIFY_SHARDS)}")
+    if mode == "off":
+        return
     if not shard.tar.is_file():
         raise ShardError(f"shard {shard.tar} is missing")
     if not shard.index.is_file():
@@ -273,8 +295,16 @@ def check_shard(shard: ShardInfo, required: tuple[str, ...] = REQUIRED_MEMBERS) 
     if samples[-1].end > size:
         raise ShardError(f"shard {shard.tar} is truncated: {size} bytes, its index {shard.index} needs "
                          f"{samples[-1].end}")
-    if with_names:
-        with open(shard.tar, "rb") as f:
+    keys = [samples[0].key, samples[-1].key]
+    if shard.first_key is not None and keys != [shard.first_key, shard.last_key]:
+        raise ShardError(f"shard {shard.tar} holds samples {keys[0]!r}..{keys[1]!r}, the manifest lists "
+                         f"{shard.first_key!r}..{shard.last_key!r}: a swapped or stale shard; re-run "
+                         f"launch/make_shards.py")
+    if shard.idx_sha256 and _sha256(shard.index) != shard.idx_sha256:
+        raise ShardError(f"index {shard.index} is not the one the manifest lists for {shard.tar} (its sha256 "
+                         f"differs): the shard or its index was replaced; re-run launch/make_shards.py")
+    with open(shard.tar, "rb") as f:
+        if with_names:
             for sample in samples:
                 ext, (offset, _) = next(iter(sample.members.items()))
                 expected = f"{sample.key}.{ext}"
@@ -282,6 +312,59 @@ def check_shard(shard: ShardInfo, required: tuple[str, ...] = REQUIRED_MEMBERS) 
                 if not found or not expected.startswith(found):
                     raise ShardError(f"index {shard.index} is stale: it puts {expected!r} at byte {offset} of "
                                      f"{shard.tar}, where the tar holds {found!r}; re-create it with wds2idx")
+        if shard.first_index is not None and all(schema.INDEX in s.members for s in samples):
+            held = []
+            for sample in samples:
+                offset, size = sample.members[schema.INDEX]
+                f.seek(offset)
+                held.append(int.from_bytes(f.read(min(size, 8)), "little", signed=True))
+            want = [shard.first_index, shard.first_index + shard.count - 1]
+            if held != want:
+                raise ShardError(f"shard {shard.tar} holds samples {held[0]}..{held[1]} of a split, the manifest "
+                                 f"puts samples {want[0]}..{want[1]} there: a swapped or stale shard; re-run "
+                                 f"launch/make_shards.py")
+    if mode == "full" and shard.sha256 and _verified_digest(shard.tar) != shard.sha256:
+        raise ShardError(f"shard {shard.tar} does not match its sha256 in the manifest: changed after conversion")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified_digest(path: Path) -> str:
+    """sha256 of ``path``, computed once per file version: cached in ``$XDG_CACHE_HOME/cstn/shard_sha256.json``
+    (default ``~/.cache``) under the real path, size, mtime and inode, so the data directory may be read-only
+    and a rewritten file is hashed again."""
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cstn"
+    cache = cache_dir / "shard_sha256.json"
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = _sha256(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known[key] = digest
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # no writable cache: the digest is simply computed again next time
+    return digest
 
 
 # ---------------------------------------------------------------------------
@@ -488,7 +571,7 @@ def make_request(cfg, split: str, rank: int, world_size: int, train: Optional[bo
 
     info = read_split(data.root, split)
     for shard in info.shards:
-        check_shard(shard)
+        check_shard(shard, mode=data.verify_shards)
     batch_size = data.batch_size if train else data.eval_batch_size
     if train and train_steps_per_epoch(info.total, world_size, batch_size) == 0:
         raise ValueError(f"split {split!r} has {info.total} samples: fewer than world size {world_size} x batch "

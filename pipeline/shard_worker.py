@@ -292,13 +292,14 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
 
     Returns ``end`` (position after the shard's last input), ``count``, ``skipped`` (``file``, ``key``,
     ``reason`` per skipped input), ``reencoded`` (kind -> count), the box and byte counts, and for a
-    shard with samples ``bytes``, ``sha256`` and ``idx_sha256``; or ``{"needs_more": True}`` when the
+    shard with samples ``bytes``, ``sha256``, ``idx_sha256`` and its ``first_key`` / ``last_key``; or ``{"needs_more": True}`` when the
     shard is not full at the end of ``items`` and more inputs follow (many skipped inputs: the caller
     retries with more). Raises :class:`ShardingError` naming the file in ``strict`` mode. A failure
     while adding samples removes both files.
     """
     limit = job.image_mb * 1e6 if job.image_mb is not None else None
     count, image_bytes, end = 0, 0, None
+    first_key = last_key = None
     skipped: list[dict[str, Any]] = []
     reencoded: Counter = Counter()
     stats: Counter = Counter({k: 0 for k in _STAT_KEYS})
@@ -327,6 +328,8 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
                 writer = ShardTarWriter(job.tar_tmp, job.idx_tmp)
             writer.write(schema.encode_sample(item.key, file.jpeg, item.label, job.first_index + count, file.width,
                                               file.height, checked.boxes, meta))
+            first_key = item.key if count == 0 else first_key
+            last_key = item.key
             count += 1
             image_bytes += len(file.jpeg)
             stats["boxes"] += len(checked.boxes)
@@ -347,5 +350,6 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
               "reencoded": dict(sorted(reencoded.items())), **stats}
     if writer is not None:
         writer.close()
-        result.update(bytes=writer.bytes, sha256=writer.sha256, idx_sha256=writer.index_sha256)
+        result.update(bytes=writer.bytes, sha256=writer.sha256, idx_sha256=writer.index_sha256, first_key=first_key,
+                      last_key=last_key)
     return result

@@ -476,6 +476,7 @@ class _Converter:
         self.records.append({
             "name": tar.name, "index_file": idx.name, "count": written["count"], "first_index": job.first_index,
             "bytes": written["bytes"], "sha256": written["sha256"], "idx_sha256": written["idx_sha256"],
+            "first_key": written.get("first_key"), "last_key": written.get("last_key"),
             "inputs": [job.start, written["end"]], "skipped": written["skipped"], "reencoded": written["reencoded"],
             **{k: written[k] for k in ("boxes", "boxes_clipped", "boxes_dropped", "images_all_boxes_dropped",
                                        "input_bytes")},
@@ -577,11 +578,14 @@ class _Converter:
             if not self.records:
                 raise ShardingError(f"{self.listing.root}: split {self.split!r} has no inputs")
             self.result.write_seconds = time.time() - t_write
-        except BaseException:
+        except BaseException as exc:
             workers.close()
             for job, _, _ in in_flight:  # started but not committed: nothing may look complete
                 for p in (job.tar_tmp, job.idx_tmp):
                     p.unlink(missing_ok=True)
+            if _disk_full(exc):  # nothing half-written may stay on a full disk (a crash's leftovers are the rerun's)
+                self.remove_partial()
+                raise self.disk_full_error() from None
             raise
         finally:
             workers.close()
@@ -593,10 +597,29 @@ class _Converter:
             raise ShardingError(f"internal error: {counts['inputs']} inputs but {manifest['total']} samples "
                                 f"+ {counts['skipped']} skipped")
         self.remove_stale()
-        _write_json(self.manifest_path, manifest, indent=1)
+        try:
+            _write_json(self.manifest_path, manifest, indent=1)
+        except OSError as exc:
+            if _disk_full(exc):  # nothing half-written may stay on a full disk (a crash's leftovers are the rerun's)
+                self.remove_partial()
+                raise self.disk_full_error() from None
+            raise
         self.result.manifest = manifest
         self.result.seconds = time.time() - self._t0
         return self.result
+
+    def remove_partial(self) -> None:
+        """Delete every temporary file of this split (shards, indexes, manifest): after a failure nothing
+        half-written stays, and the committed shards and the partial manifest let a rerun resume."""
+        for p in self.dir.glob("*.tmp"):
+            if p.name.startswith(f"{self.split}-") or p.name.startswith("manifest.json"):
+                p.unlink(missing_ok=True)
+
+    def disk_full_error(self) -> ShardingError:
+        free = shutil.disk_usage(self.dir).free / 2 ** 20
+        return ShardingError(f"no space left on the device of {self.dir} ({free:.1f} MiB free) after "
+                             f"{len(self.records)} shard(s); they are kept and no partial file is left: free some "
+                             f"space and run the same command again to resume")
 
     def remove_stale(self) -> None:
         keep = {r["name"] for r in self.records} | {r["index_file"] for r in self.records}
@@ -604,6 +627,12 @@ class _Converter:
             if p.name.startswith(f"{self.split}-") and p.name not in keep and (
                     p.suffix in (".tar", ".idx", ".tmp")):
                 p.unlink()
+
+
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def convert(listing: SourceListing, out_dir: str | Path, options: ShardOptions | None = None) -> ConversionResult:

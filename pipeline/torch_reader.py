@@ -165,6 +165,10 @@ class _Shard:
 
 
 def _one_thread(_worker_id: int) -> None:
+    """Worker init: one thread each, and gone with the fork server (:mod:`pipeline.worker_guard`)."""
+    from pipeline.worker_guard import die_with_parent
+
+    die_with_parent()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
@@ -179,12 +183,13 @@ def worker_context():
     resize or encode in the training process, e.g. a picture of boxes) inherits that pool's locks
     mid-use and hangs in its first ``cv2`` call (seen here in ``cv2.setNumThreads``). The fork
     server is a clean process that imports torch, OpenCV and this module once; workers fork from it
-    in milliseconds.
+    in milliseconds. It and its workers die with the rank (:mod:`pipeline.worker_guard`).
     """
     global _WORKER_CONTEXT
     if _WORKER_CONTEXT is None:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
+        # pipeline.worker_guard: the fork server dies with the rank that started it
+        context.set_forkserver_preload([__name__, "pipeline.worker_guard"])
         _WORKER_CONTEXT = context
     return _WORKER_CONTEXT
 

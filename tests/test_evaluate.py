@@ -94,7 +94,7 @@ def test_predict_writes_boxes_and_pictures(tiny_shards, trained, tmp_path):
         x0, y0, x1, y1 = r["box"]
         assert 0 <= x0 <= x1 <= r["width"] and 0 <= y0 <= y1 <= r["height"]
         assert len(r["top5_classes"]) == 4 and r["top5_names"] is not None  # 4 classes in the tiny set
-        assert (tmp_path / "pred" / f"{Path(r['file']).stem}_boxes.jpg").stat().st_size > 0
+        assert (tmp_path / "pred" / "viz" / f"{Path(r['file']).stem}_boxes.jpg").stat().st_size > 0
     res = run([sys.executable, "launch/predict.py", "--config", "configs/tiny.yaml", "--checkpoint",
                str(trained / "checkpoints"), "--images", str(tmp_path / "missing")])
     assert res.returncode == 2 and "no such image or directory" in res.stderr

@@ -18,7 +18,10 @@ stopping the tracking server). Nothing in ``cstn/``, ``pipeline/`` or ``launch/`
         rank 0 of an evaluation, after ``predictions.csv`` is written and before the plots;
     {"point": "tracker"}
         every rank, right before the experiment tracker is created (the test can start a tracking
-        server while the job spends its first seconds importing and building the engine).
+        server while the job spends its first seconds importing and building the engine);
+    {"point": "eval_batch", "batch": 2, "ranks": [0, 1]}
+        inside the evaluation loop, when the listed ranks score their batch ``batch`` (1-based): the
+        readers' worker processes are running.
 
 Each point may carry ``"gate": PATH``: the pause ends when that file exists. Without a gate the
 rank waits (up to ``max_s``, default 600 s) for the test to kill it. Reaching a point prints
@@ -119,6 +122,21 @@ def install(plan: list[dict]) -> None:
         return original_plot(*args, **kwargs)
 
     cstn.viz.plot_area_histogram = plot_area_histogram
+
+    import cstn.evaluation
+
+    for name in ("score_cstn", "score_cam"):
+        original_score = getattr(cstn.evaluation, name)
+
+        def score(*args, _original=original_score, **kwargs):
+            state["eval_batches"] = state.get("eval_batches", 0) + 1
+            for spec in plan:
+                if (spec["point"] == "eval_batch" and spec.get("batch", 1) == state["eval_batches"]
+                        and RANK in spec.get("ranks", [0])):
+                    _pause(f"eval_batch{state['eval_batches']}", spec)
+            return _original(*args, **kwargs)
+
+        setattr(cstn.evaluation, name, score)
 
     original_make_tracker = cstn.tracking.make_tracker
 
