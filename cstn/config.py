@@ -48,7 +48,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = "data/synthetic/shards"
-    """Directory holding one sub-directory per split, each with ``manifest.json`` and shards."""
+    """Directory (or URL: ``s3://``, ``gs://``, ``http(s)://``) holding one sub-directory per split, each with ``manifest.json`` and shards."""
+    cache_dir: str = ""
+    """Node-local cache of a remote ``data.root`` (empty: ``$TMPDIR/cstn-shard-cache``): each shard fetched once per node, checked against the manifest's sha256."""
+    cache_max_gb: float = 0.0
+    """Bound of that cache in GiB (0: unbounded); least recently used shards go first, never one being read."""
     train_split: str = "train"
     """Split name used for training."""
     eval_split: str = "test"

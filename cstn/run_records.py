@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["manifest_dataset", "source_tags", "is_model_uri", "download_model", "load_logged_model", "MODEL_SCHEMES"]
 
 
-def manifest_dataset(manifest_path: str | Path):
+def manifest_dataset(manifest_path: str | Path, source: str | None = None):
     """The split described by ``manifest_path`` as an MLflow dataset entity.
 
     name ``<dataset>/<split>``; digest: the first 16 hex digits of the sha256 of the shards'
@@ -32,13 +32,15 @@ def manifest_dataset(manifest_path: str | Path):
     manifest = json.loads(manifest_path.read_text())
     lines = "".join(f"{s['name']}:{s['sha256']}\n" for s in manifest["shards"])
     digest = hashlib.sha256(lines.encode()).hexdigest()[:16]
-    uri = str(manifest_path.parent.resolve())
+    remote = source is not None and "://" in source
+    uri = source if remote else str(manifest_path.parent.resolve())
     counts = manifest.get("counts", {})
     profile = {"samples": manifest["total"], "shards": manifest["num_shards"], "boxes": counts.get("boxes"),
                "skipped_inputs": counts.get("skipped"), "num_classes": len(manifest.get("classes", [])),
                "classes": [f"{c['index']}:{c.get('id', '')}" for c in manifest.get("classes", [])]}
     return Dataset(name=f"{manifest.get('dataset', 'data')}/{manifest.get('split', manifest_path.parent.name)}",
-                   digest=digest, source_type="local", source=json.dumps({"uri": uri}),
+                   digest=digest, source_type=source.split("://")[0] if remote else "local",
+                   source=json.dumps({"uri": uri}),
                    profile=json.dumps(profile))
 
 

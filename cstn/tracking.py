@@ -77,7 +77,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
-    def log_dataset(self, manifest_path: str | Path, context: str) -> None:
+    def log_dataset(self, manifest_path: str | Path, context: str, source: str | None = None) -> None:
         pass
 
     def start_system_metrics(self, interval_s: float = 10.0) -> None:
@@ -195,14 +195,15 @@ class MlflowTracker(Tracker):
         for k, v in tags.items():
             self._call(lambda k=k, v=v: self._client.set_tag(self.run_id, k, str(v)))
 
-    def log_dataset(self, manifest_path: str | Path, context: str) -> None:
+    def log_dataset(self, manifest_path: str | Path, context: str, source: str | None = None) -> None:
         """Log a split (its ``manifest.json``) as a dataset input of the run (``context``: ``training``
-        or ``evaluation``). Logging the same dataset twice (a resume) is harmless."""
+        or ``evaluation``; ``source``: where the split lives, default the manifest's folder). Logging the
+        same dataset twice (a resume) is harmless."""
         from mlflow.entities import DatasetInput, InputTag
 
         from cstn.run_records import manifest_dataset
 
-        dataset = manifest_dataset(manifest_path)
+        dataset = manifest_dataset(manifest_path, source)
         self._call(lambda: self._client.log_inputs(
             self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]))
 

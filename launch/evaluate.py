@@ -34,7 +34,9 @@ from cstn.config import add_config_args, config_from_args, flatten, to_dict
 
 def split_box_count(cfg, split: str) -> int:
     """Ground-truth boxes of a split from its manifest; a split without any cannot be evaluated."""
-    manifest_path = Path(cfg.data.root) / split / "manifest.json"
+    from pipeline.loader import split_dir
+
+    manifest_path = split_dir(cfg.data, split) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     boxes = int(manifest.get("counts", {}).get("boxes", 0))
     if boxes == 0:
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     from cstn.models import build_model
     from cstn.run_records import is_model_uri, load_logged_model
     from cstn.tracking import TrackingUnavailable, make_tracker
-    from pipeline.loader import build_loader
+    from pipeline.loader import ShardError, build_loader, split_dir
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
@@ -103,7 +105,10 @@ def main(argv=None) -> int:
     try:
         metrics = evaluate(model, loader, cfg, out_dir=out_dir, expected_total=loader.total_samples,
                            expected_boxes=expected_boxes, precision=resolve_precision(cfg),
-                           split_dir=Path(cfg.data.root) / split)
+                           split_dir=split_dir(cfg.data, split))
+    except ShardError as exc:  # a shard that cannot be read or fetched: named, exit 2
+        print(f"data error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except RuntimeError as exc:
         print(f"evaluation error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -122,7 +127,8 @@ def main(argv=None) -> int:
 
             tracker.log_params(flatten(to_dict(cfg)))
             tracker.set_tags(source_tags(__file__, dist.world_size()))
-        tracker.log_dataset(Path(cfg.data.root) / split / "manifest.json", "evaluation")
+        tracker.log_dataset(split_dir(cfg.data, split) / "manifest.json", "evaluation",
+                            source=f"{str(cfg.data.root).rstrip('/')}/{split}")
         tracker.log_metrics({f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=int(meta.get("step", 0)))
         for f in sorted(out_dir.iterdir()):

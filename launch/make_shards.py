@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # No BLAS threads: the converter does no linear algebra, and a process with a single thread can fork its
 # workers (cheap) instead of spawning them (a fresh interpreter each). Set before numpy is imported.
@@ -36,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", required=True, help="dataset root (ILSVRC: holds train/ and val/; CUB: images.txt ...)")
     p.add_argument("--split", required=True, choices=("train", "val", "test"),
                    help="ILSVRC: train or val; CUB: train or test")
-    p.add_argument("--out", required=True, help="output directory; shards go to OUT/<split>/")
+    p.add_argument("--out", required=True, help="output directory, or a URL (s3://, gs://, ...): shards go to OUT/<split>/ "
+                                                "(a URL gets them through a local temporary directory, manifest last)")
+    p.add_argument("--staging", default=None, help="with a URL --out: the local directory to convert into first "
+                                                   "(default: a temporary one, removed after the upload)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, default=None, metavar="N", help="samples per shard")
     size.add_argument("--shard-size", type=float, default=None, metavar="MB",
@@ -70,17 +74,40 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"make_shards.py: error: {e}", file=sys.stderr)
         return 2
+    from pipeline.remote import is_remote
+
+    remote = is_remote(args.out)
+    staging = None
+    if remote:
+        import tempfile
+
+        staging = Path(args.staging) if args.staging else Path(tempfile.mkdtemp(prefix="cstn-shards-"))
     try:
         listing = list_source(args.dataset, args.root, args.split, annotations=args.annotations,
                               synsets=args.synsets)
-        result = convert(listing, args.out, options)
+        result = convert(listing, staging if remote else args.out, options)
     except (SourceError, ShardingError) as e:
         print(f"make_shards.py: error: {e}", file=sys.stderr)
         return 2
+    if remote:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from upload_shards import upload_split
+
+        try:
+            upload_split(result.split_dir, args.out, log=lambda text: None)
+        except Exception as e:  # the storage backend's errors: one line, the converted split stays in staging
+            print(f"make_shards.py: error: upload to {args.out} failed ({type(e).__name__}: {str(e)[:300]}); the "
+                  f"converted split is in {result.split_dir}: upload it with launch/upload_shards.py", file=sys.stderr)
+            return 2
+        if not args.staging:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
     m, c = result.manifest, result.manifest["counts"]
     mb = result.input_bytes / 1e6
     kinds = f" {c['reencoded']}" if c["reencoded"] else ""
-    print(f"{m['dataset']}/{m['split']}: {m['total']} samples in {m['num_shards']} shards under {result.split_dir} "
+    where = f"{args.out.rstrip('/')}/{m['split']}" if remote else result.split_dir
+    print(f"{m['dataset']}/{m['split']}: {m['total']} samples in {m['num_shards']} shards under {where} "
           f"({len(result.written)} written, {len(result.kept)} kept, {len(result.reindexed)} re-indexed); "
           f"{c['skipped']} skipped, {c['reencoded_total']} re-encoded{kinds}, "
           f"{c['boxes']} boxes ({c['boxes_clipped']} clipped, {c['boxes_dropped']} dropped); "

@@ -70,7 +70,12 @@ def decode_strict(path: Path) -> np.ndarray:
 
 
 def class_names(cfg) -> list[str] | None:
-    manifest = Path(cfg.data.root) / cfg.data.train_split / "manifest.json"
+    from pipeline.loader import split_dir
+
+    try:
+        manifest = split_dir(cfg.data, cfg.data.train_split) / "manifest.json"
+    except Exception:  # no reachable split: predictions name class indices only
+        return None
     if not manifest.is_file():
         return None
     classes = json.loads(manifest.read_text()).get("classes")

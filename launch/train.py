@@ -181,8 +181,9 @@ def main(argv=None) -> int:
 
         tracker.set_tags({**source_tags(__file__, world), "precision": precision, "device": str(device)})
         tracker.log_artifact(out_dir / "config.yaml")
-        tracker.log_dataset(split_manifest(cfg, cfg.data.train_split), "training")
-        tracker.log_dataset(split_manifest(cfg, cfg.data.eval_split), "evaluation")
+        root = str(cfg.data.root).rstrip("/")
+        tracker.log_dataset(split_manifest(cfg, cfg.data.train_split), "training", source=f"{root}/{cfg.data.train_split}")
+        tracker.log_dataset(split_manifest(cfg, cfg.data.eval_split), "evaluation", source=f"{root}/{cfg.data.eval_split}")
         if cfg.log.system_metrics:
             tracker.start_system_metrics(cfg.log.system_metrics_interval_s)
     run_id = tracker.run_id or run_id
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
             metrics = evaluate(engine.module, eval_loader, cfg, max_batches=1 if args.dry_run else None,
                                out_dir=None if args.dry_run else out_dir / "eval" / f"epoch{epoch:03d}",
                                expected_total=None if args.dry_run else eval_loader.total_samples,
-                               split_dir=Path(cfg.data.root) / cfg.data.eval_split)
+                               split_dir=split_manifest(cfg, cfg.data.eval_split).parent)
             if main_rank:
                 print("eval " + summarize(metrics), flush=True)
                 tracker.log_metrics({f"eval/{IN_TRAINING}/{k}": v for k, v in metrics.items()
@@ -324,7 +325,9 @@ def take_run_lock(out_dir: Path) -> str:
 
 
 def split_manifest(cfg, split: str) -> Path:
-    return Path(cfg.data.root) / split / "manifest.json"
+    from pipeline.loader import split_dir
+
+    return split_dir(cfg.data, split) / "manifest.json"
 
 
 def log_models(tracker, model, cfg, build_model) -> None:

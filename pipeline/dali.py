@@ -46,7 +46,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipeline import schema
 from pipeline.batch import Batch
-from pipeline.loader import ANTIALIAS_ABOVE, CorruptSampleError, LoaderRequest, train_steps_per_epoch
+from pipeline.loader import ANTIALIAS_ABOVE, CorruptSampleError, LoaderRequest, ShardError, train_steps_per_epoch
 
 __all__ = ["DaliPlacement", "dali_placement", "wsol_pipeline", "DaliLoader", "make_dali_loader", "READER"]
 
@@ -159,6 +159,11 @@ class DaliLoader:
     def __init__(self, request: LoaderRequest, placement: Optional[DaliPlacement] = None,
                  antialias_above: float = ANTIALIAS_ABOVE):
         self.placement = placement or dali_placement(request.local_rank)
+        if request.cache is not None:  # a remote root: DALI opens every shard at build, so fetch them first
+            try:
+                request.cache.ensure_all(request.split.name, [(s.name, s.sha256) for s in request.split.shards])
+            except RuntimeError as exc:
+                raise ShardError(str(exc)) from None
         self.train = request.train
         self.with_boxes = request.with_boxes
         self.random_flip = request.random_flip

@@ -51,11 +51,12 @@ from typing import Callable, Iterator, Optional, Protocol
 
 from pipeline import schema
 from pipeline.batch import Batch
+from pipeline.remote import is_remote
 
 __all__ = [
     "ShardError", "CorruptSampleError", "ShardInfo", "SplitInfo", "LoaderRequest", "BatchLoader",
     "build_loader", "make_request", "choose_backend", "backends", "read_split", "check_shard", "read_index",
-    "rank_range", "train_steps_per_epoch", "ANTIALIAS_ABOVE", "split_keys", "VERIFY_SHARDS",
+    "rank_range", "train_steps_per_epoch", "ANTIALIAS_ABOVE", "split_keys", "VERIFY_SHARDS", "split_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,17 +128,28 @@ class SplitInfo:
     classes: tuple[str, ...] = ()
 
 
-def read_split(root: str | Path, split: str) -> SplitInfo:
+def split_dir(data, split: str) -> Path:
+    """The local directory of ``split`` under ``data.root`` (a ``cfg.data``): for a URL root, its folder in the
+    node cache with a fresh ``manifest.json`` and indexes (:meth:`pipeline.remote.ShardCache.prepare`)."""
+    if is_remote(data.root):
+        from pipeline.remote import ShardCache
+
+        return ShardCache(str(data.root), data.cache_dir or None).prepare(split)
+    return Path(data.root) / split
+
+
+def read_split(root: str | Path, split: str, fetched: bool = True) -> SplitInfo:
     """Read ``<root>/<split>/manifest.json`` through :func:`pipeline.shards.load_manifest` (which checks
     that the conversion completed, that the counts add up and that every listed tar and ``.idx``
-    exists) into a :class:`SplitInfo`. No shard is opened here."""
+    exists; with ``fetched=False`` the tars may still be missing: a remote split's cache) into a
+    :class:`SplitInfo`. No shard is opened here."""
     from pipeline.shards import load_manifest
 
     split_dir = Path(root) / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split directory {split_dir} does not exist (data.root={root!s}, split={split!r}); "
                                 f"convert it with launch/make_shards.py")
-    manifest = load_manifest(split_dir)
+    manifest = load_manifest(split_dir, require_shards=fetched)
     shards = []
     for entry in manifest.shards:
         tar = split_dir / entry["name"]
@@ -402,6 +414,7 @@ class LoaderRequest:
         shuffle_buffer: samples held for in-reader shuffling in training.
         on_corrupt: ``fail`` or ``skip`` for an undecodable sample.
         seed: base seed (``cfg.train.seed``); each rank, worker and epoch derives its own.
+        cache: the node-local shard cache of a remote ``data.root`` (see the field).
     """
 
     split: SplitInfo
@@ -419,6 +432,9 @@ class LoaderRequest:
     shuffle_buffer: int
     on_corrupt: str
     seed: int
+    cache: Optional[object] = None
+    """A :class:`pipeline.remote.ShardCache` when ``data.root`` is a URL: tars are fetched into the split
+    directory (``split.directory``, in the cache) before they are read; None for a local root."""
 
     @property
     def rank_range(self) -> tuple[int, int]:
@@ -569,9 +585,17 @@ def make_request(cfg, split: str, rank: int, world_size: int, train: Optional[bo
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"data.crop_scale={list(data.crop_scale)} must be [low, high] with 0 < low <= high <= 1")
 
-    info = read_split(data.root, split)
-    for shard in info.shards:
-        check_shard(shard, mode=data.verify_shards)
+    cache = None
+    if is_remote(data.root):  # fetch the manifest and indexes into the node cache; tars come when read
+        from pipeline.remote import ShardCache
+
+        cache = ShardCache(str(data.root), data.cache_dir or None,
+                           int(data.cache_max_gb * 2 ** 30) if data.cache_max_gb else None)
+        info = read_split(cache.prepare(split).parent, split, fetched=False)
+    else:
+        info = read_split(data.root, split)
+        for shard in info.shards:  # a fetched tar was checked against its sha256 instead
+            check_shard(shard, mode=data.verify_shards)
     batch_size = data.batch_size if train else data.eval_batch_size
     if train and train_steps_per_epoch(info.total, world_size, batch_size) == 0:
         raise ValueError(f"split {split!r} has {info.total} samples: fewer than world size {world_size} x batch "
@@ -579,7 +603,7 @@ def make_request(cfg, split: str, rank: int, world_size: int, train: Optional[bo
     return LoaderRequest(
         split=info, rank=rank, world_size=world_size,
         local_rank=_local_rank(rank) if local_rank is None else local_rank,
-        train=train, with_boxes=with_boxes, batch_size=batch_size, image_size=data.image_size,
+        train=train, with_boxes=with_boxes, batch_size=batch_size, image_size=data.image_size, cache=cache,
         num_workers=max(0, data.num_workers), random_flip=bool(data.random_flip) and train,
         random_resized_crop=bool(data.random_resized_crop) and train, crop_scale=scale,
         shuffle_buffer=max(1, data.shuffle_buffer), on_corrupt=data.on_corrupt, seed=int(cfg.train.seed))

@@ -691,12 +691,13 @@ class ShardManifest:
         return self.data["skipped"]
 
 
-def load_manifest(split_dir: str | Path, verify_checksums: bool = False) -> ShardManifest:
+def load_manifest(split_dir: str | Path, verify_checksums: bool = False, require_shards: bool = True) -> ShardManifest:
     """Read and check ``split_dir/manifest.json`` (``split_dir`` may also be the manifest file itself).
 
     Raises :class:`ShardingError` naming the path when the manifest is missing, unreadable, of another
     format or incomplete (an interrupted conversion), when its counts do not add up, or when a listed
-    shard or ``.idx`` is missing; with ``verify_checksums`` also when a shard's sha256 differs.
+    shard or ``.idx`` is missing (only an ``.idx`` with ``require_shards=False``: a remote split's cache,
+    whose tars are fetched when read); with ``verify_checksums`` also when a shard's sha256 differs.
     """
     path = Path(split_dir)
     if path.name == MANIFEST or path.is_file():
@@ -723,7 +724,7 @@ def load_manifest(split_dir: str | Path, verify_checksums: bool = False) -> Shar
     if counted != data["total"]:
         raise ShardingError(f"{path}: shard counts add up to {counted}, the manifest total is {data['total']}")
     for s in data["shards"]:
-        for member in ("name", "index_file"):
+        for member in ("name", "index_file") if require_shards else ("index_file",):
             p = split_dir / s[member]
             if not p.is_file():
                 raise ShardingError(f"{p}: listed in {path} but missing")

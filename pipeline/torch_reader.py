@@ -45,6 +45,7 @@ into contiguous per-worker ranges, so every worker reads whole, sequential stret
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import multiprocessing
@@ -61,6 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import schema
 from pipeline.batch import Batch
+from pipeline.remote import PREFETCH
 from pipeline.loader import (ANTIALIAS_ABOVE, CorruptSampleError, LoaderRequest, ShardError,
                              read_index, train_steps_per_epoch)
 
@@ -162,6 +164,8 @@ class _Shard:
     tar: str
     index: str
     count: int
+    name: str = ""
+    sha256: Optional[str] = None
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -198,7 +202,8 @@ class ShardRangeDataset(IterableDataset):
     """Yields :class:`~pipeline.batch.Batch` objects for one rank (see the module docstring)."""
 
     def __init__(self, request: LoaderRequest, skipped=None, epoch=None):
-        self.shards = tuple(_Shard(str(s.tar), str(s.index), s.count) for s in request.split.shards)
+        self.shards = tuple(_Shard(str(s.tar), str(s.index), s.count, s.name, s.sha256) for s in request.split.shards)
+        self.cache, self.split_name = request.cache, request.split.name
         self.total = request.split.total
         self.rank, self.world_size = request.rank, request.world_size
         self.train, self.with_boxes = request.train, request.with_boxes
@@ -258,12 +263,21 @@ class ShardRangeDataset(IterableDataset):
         return out
 
     def _read(self, slices: list[tuple[int, int, int]]) -> Iterator[RawSample]:
-        for shard_id, first, last in slices:
+        for position, (shard_id, first, last) in enumerate(slices):
             shard = self.shards[shard_id]
+            if self.cache is not None:  # a remote root: fetch it (once per node), and the next ones meanwhile
+                try:
+                    self.cache.ensure(self.split_name, shard.name, shard.sha256)
+                except RuntimeError as exc:
+                    raise ShardError(str(exc)) from None
+                upcoming = [self.shards[i] for i, _, _ in slices[position + 1:position + 1 + PREFETCH]]
+                self.cache.prefetch(self.split_name, [(s.name, s.sha256) for s in upcoming])
             samples = read_index(shard.index)
             if len(samples) < last:
                 raise ShardError(f"index {shard.index} lists {len(samples)} samples, {last} expected")
             with open(shard.tar, "rb") as f:
+                if self.cache is not None:
+                    fcntl.flock(f, fcntl.LOCK_SH)  # the cache never evicts a shard being read
                 for entry in samples[first:last]:
                     start, end = entry.start, entry.end
                     f.seek(start)
