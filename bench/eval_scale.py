@@ -1,7 +1,7 @@
 """`make eval-scale`: the distributed evaluator over all 50,000 ILSVRC-2012 val entries, end to end.
 
 1. an ILSVRC tree in the real layout from ``../shared/data/ilsvrc2012_val_boxes`` (real sizes, labels
-   and 80,477 boxes; flat-colour pixels that encode fast), via ``pipeline.sources.ilsvrc``;
+   and 80,477 boxes; flat-colour pixels that encode fast), via ``pipeline.sources.ilsvrc_fixture``;
 2. shards through ``launch/make_shards.py`` (LOC_val_solution.csv annotations);
 3. ``deepspeed --num_gpus 2 launch/evaluate.py --config configs/eval_scale.yaml --checkpoint init``
    (an untrained small model), into MLflow;
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     fixture, shards = out / "ilsvrc", out / "shards"
     times = {}
     if not (fixture / "LOC_val_solution.csv").is_file():
-        times["fixture_s"] = step([PY, "-m", "pipeline.sources.ilsvrc", "--out", fixture, "--no-xml"])
+        times["fixture_s"] = step([PY, "-m", "pipeline.sources.ilsvrc_fixture", "--out", fixture, "--no-xml"])
     if not (shards / "val" / "manifest.json").is_file():
         times["shards_s"] = step([PY, "launch/make_shards.py", "--dataset", "ilsvrc", "--root", fixture, "--split",
                                   "val", "--annotations", fixture / "LOC_val_solution.csv", "--out", shards,

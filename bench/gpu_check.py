@@ -126,7 +126,7 @@ def make_data(plan: Plan, work: Path, deadline: float) -> dict:
 
     start = time.time()
     try:
-        from pipeline.sources.ilsvrc import make_fixture
+        from pipeline.sources.ilsvrc_fixture import make_fixture
 
         raw = make_fixture(work / "ilsvrc", count=plan.images, texture="photo", xml=False, csv_file=True)
         source, dataset, split = "ilsvrc_fixture", "ilsvrc", "val"
@@ -213,7 +213,7 @@ def decode_rate(plan: Plan, work: Path, deadline: float) -> float:
     """GPU decode alone: DALI's webdataset reader and nvJPEG, full-size images, nothing else."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline.loader import read_split
+    from pipeline.manifest import read_split
 
     split = read_split(work / "shards", plan.split)
 

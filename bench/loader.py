@@ -2,7 +2,7 @@
 
 On the same shards (``--shards DIR``: a split directory holding ``manifest.json``, or a shards root
 with ``--split``; without it, ``--count`` ILSVRC validation images with their real sizes and
-photo-like pixels are written by ``pipeline.sources.ilsvrc.make_fixture`` and converted by the
+photo-like pixels are written by ``pipeline.sources.ilsvrc_fixture.make_fixture`` and converted by the
 project's converter into a temporary directory), it measures images per second of:
 
 1. ``decode``: the fastest libjpeg-turbo decoder available (simplejpeg, OpenCV, torchvision.io;
@@ -43,6 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 from cstn.config import load_config  # noqa: E402
 from pipeline import loader as L  # noqa: E402
+from pipeline import manifest as M  # noqa: E402
+from pipeline import dali_index as I  # noqa: E402
+from pipeline import request as R  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -52,7 +55,7 @@ from pipeline import loader as L  # noqa: E402
 def make_shards(work: Path, count: int, workers: int) -> Path:
     """ILSVRC-like validation split (real sizes, textured pixels) through the real converter."""
     from pipeline.shards import ShardOptions, convert, list_source
-    from pipeline.sources.ilsvrc import make_fixture
+    from pipeline.sources.ilsvrc_fixture import make_fixture
     raw = make_fixture(work / "ilsvrc", count=count, texture="photo", xml=False, csv_file=True)
     convert(list_source("ilsvrc", raw, "val"), work / "shards",
             ShardOptions(samples_per_shard=256, workers=workers, progress=False))
@@ -60,12 +63,12 @@ def make_shards(work: Path, count: int, workers: int) -> Path:
     return work / "shards" / "val"
 
 
-def read_jpegs(split: L.SplitInfo) -> list[tuple[int, str, bytes]]:
+def read_jpegs(split: R.SplitInfo) -> list[tuple[int, str, bytes]]:
     """``(label, key, jpeg bytes)`` of every sample, read through the shards' indexes."""
     out = []
     for shard in split.shards:
         with open(shard.tar, "rb") as f:
-            for sample in L.read_index(shard.index):
+            for sample in I.read_index(shard.index):
                 label_off, label_size = sample.members["lab"]
                 f.seek(label_off)
                 label = int(np.frombuffer(f.read(label_size), np.int32)[0])
@@ -108,7 +111,7 @@ def _decode_worker(split_dir: str, name: str, part: int, parts: int, barrier, re
     torch.set_num_threads(1)
     decode = decoders()[name]
     path = Path(split_dir)
-    mine = [j[2] for j in read_jpegs(L.read_split(path.parent, path.name))[part::parts]]
+    mine = [j[2] for j in read_jpegs(M.read_split(path.parent, path.name))[part::parts]]
     decode(mine[0])
     barrier.wait()
     start = time.perf_counter()
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             split_dir = make_shards(work, args.count, min(2, cores))
             print(f"wrote {args.count} ILSVRC-sized JPEGs into shards in {time.perf_counter() - t:.1f}s",
                   file=sys.stderr)
-        info = L.read_split(split_dir.parent, split_dir.name)
+        info = M.read_split(split_dir.parent, split_dir.name)
         jpegs = read_jpegs(info)
         sizes = [len(j[2]) for j in jpegs]
         print(f"{len(jpegs)} images, {np.mean(sizes) / 1e3:.0f} KB each, {cores} cores", file=sys.stderr)

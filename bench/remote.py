@@ -44,7 +44,7 @@ def free_port() -> int:
 
 def make_shards(work: Path, count: int) -> Path:
     from pipeline.shards import ShardOptions, convert, list_source
-    from pipeline.sources.ilsvrc import make_fixture
+    from pipeline.sources.ilsvrc_fixture import make_fixture
 
     raw = make_fixture(work / "ilsvrc", count=count, texture="photo", xml=False, csv_file=True)
     convert(list_source("ilsvrc", raw, "val"), work / "shards", ShardOptions(samples_per_shard=64, workers=2,

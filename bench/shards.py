@@ -77,8 +77,9 @@ def python_tar(folder: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.shards import VERIFY_MODES, ShardOptions, check_item, convert, list_source
-    from pipeline.sources.ilsvrc import DEFAULT_VAL_BOXES_DIR, make_fixture
+    from pipeline.shard_worker import check_item
+    from pipeline.shards import VERIFY_MODES, ShardOptions, convert, list_source
+    from pipeline.sources.ilsvrc_fixture import DEFAULT_VAL_BOXES_DIR, make_fixture
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=3000, help="number of JPEGs (default 3000)")

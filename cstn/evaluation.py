@@ -319,7 +319,7 @@ def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir
         stale.unlink()
     keys = None
     if split_dir is not None:
-        from pipeline.loader import split_keys
+        from pipeline.dali_index import split_keys
 
         keys = split_keys(split_dir)
     merged.write_predictions(out_dir / "predictions.csv", keys)

@@ -34,7 +34,7 @@ from cstn.config import add_config_args, config_from_args, flatten, to_dict
 
 def split_box_count(cfg, split: str) -> int:
     """Ground-truth boxes of a split from its manifest; a split without any cannot be evaluated."""
-    from pipeline.loader import split_dir
+    from pipeline.manifest import split_dir
 
     manifest_path = split_dir(cfg.data, split) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     from cstn.models import build_model
     from cstn.run_records import is_model_uri, load_logged_model
     from cstn.tracking import TrackingUnavailable, make_tracker
-    from pipeline.loader import ShardError, build_loader, split_dir
+    from pipeline.loader import build_loader
+    from pipeline.manifest import split_dir
+    from pipeline.request import ShardError
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)

@@ -70,7 +70,7 @@ def decode_strict(path: Path) -> np.ndarray:
 
 
 def class_names(cfg) -> list[str] | None:
-    from pipeline.loader import split_dir
+    from pipeline.manifest import split_dir
 
     try:
         manifest = split_dir(cfg.data, cfg.data.train_split) / "manifest.json"

@@ -325,7 +325,7 @@ def take_run_lock(out_dir: Path) -> str:
 
 
 def split_manifest(cfg, split: str) -> Path:
-    from pipeline.loader import split_dir
+    from pipeline.manifest import split_dir
 
     return split_dir(cfg.data, split) / "manifest.json"
 
@@ -361,7 +361,7 @@ def log_models(tracker, model, cfg, build_model) -> None:
 
 def run() -> int:
     """``main`` with unreadable input data reported as one line naming the shard (exit 2)."""
-    from pipeline.loader import CorruptSampleError, ShardError
+    from pipeline.request import CorruptSampleError, ShardError
 
     try:
         return main()

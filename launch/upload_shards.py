@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 def upload_split(split_dir: str | Path, dest_root: str, workers: int = 4, log=print) -> str:
     """Copy ``split_dir`` (holding ``manifest.json``) to ``<dest_root>/<split>``; returns that URL."""
     from pipeline.remote import _filesystem
-    from pipeline.shards import load_manifest, sha256_file
+    from pipeline.manifest import load_manifest, sha256_file
 
     split_dir = Path(split_dir)
     manifest = load_manifest(split_dir)

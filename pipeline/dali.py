@@ -46,16 +46,15 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipeline import schema
 from pipeline.batch import Batch
-from pipeline.loader import ANTIALIAS_ABOVE, CorruptSampleError, LoaderRequest, ShardError, train_steps_per_epoch
+from pipeline.request import (ANTIALIAS_ABOVE, CROP_RATIO, CorruptSampleError, LoaderRequest, ShardError,
+                              train_steps_per_epoch)
 
 __all__ = ["DaliPlacement", "dali_placement", "wsol_pipeline", "DaliLoader", "make_dali_loader", "READER"]
 
 #: name of the reader operator (the iterator's ``reader_name``)
 READER = "shards"
-#: aspect ratio range of the random-resized crop (same as the torch reader's)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-#: reader outputs and the dtype DALI gives each (the binary twins of the schema)
-_MEMBERS = (schema.IMAGE, schema.LABEL, schema.INDEX, schema.SIZE, schema.BOXES)
+#: reader outputs (the binary twins of the schema, ``schema.DALI_EXTS``) and the dtype DALI gives each
+_MEMBERS = schema.DALI_EXTS
 _DTYPES = (types.UINT8, types.INT32, types.INT64, types.INT32, types.FLOAT)
 
 

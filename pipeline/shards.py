@@ -76,18 +76,16 @@ Manifest (``manifest.json``)
     boxes, clipped, dropped), ``source`` (root, fingerprint, number of inputs) and ``converter``
     (package version, format, options, library versions). ``counts.inputs == total + len(skipped)``.
 
-Readers use :func:`load_manifest`, which checks that the manifest is complete and every listed
+Readers use :func:`pipeline.manifest.load_manifest`, which checks that the manifest is complete and every listed
 shard and index exists.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter, deque
@@ -97,18 +95,14 @@ from typing import Any
 
 import numpy as np
 
-from .shard_worker import (VERIFY_MODES, BadImage, Checked, FileCheck, InputRef, ShardingError, ShardJob, accept,
-                           check_file, check_item, clip_boxes, normalize_image, write_shard)
+from .dali_index import write_dali_index
+from .manifest import FORMAT, MANIFEST, sha256_file, write_json
+from .shard_worker import VERIFY_MODES, InputRef, ShardingError, ShardJob, write_shard
 from .sources.base import SourceError, SourceListing
 
-__all__ = ["FORMAT", "ShardOptions", "ShardingError", "ConversionResult", "ShardManifest", "BadImage",
-           "normalize_image", "clip_boxes", "check_item", "list_source", "convert", "write_dali_index",
-           "load_manifest", "sha256_file", "DEFAULT_SHARD_SIZE_MB", "VERIFY_MODES", "Checked",
-           "FileCheck", "accept", "check_file"]
+__all__ = ["ShardOptions", "ShardingError", "ConversionResult", "list_source", "convert", "DEFAULT_SHARD_SIZE_MB",
+           "VERIFY_MODES"]
 
-#: layout version of shards + manifest written by this module (bumped when their bytes change)
-FORMAT = "cstn-wds-1"
-MANIFEST = "manifest.json"
 DEFAULT_SHARD_SIZE_MB = 256.0
 
 
@@ -236,36 +230,10 @@ class _Workers:
 # Files
 # ---------------------------------------------------------------------------------------------
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
-def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
-    """Write the DALI index of ``tar_path`` with the ``wds2idx`` tool shipped in nvidia-dali (used to rebuild
-    a lost index; new shards get theirs from :class:`~pipeline.tarshard.ShardTarWriter`)."""
-    try:
-        from wds2idx import IndexCreator  # the module behind DALI's ``wds2idx`` command
-    except ImportError:
-        tool = shutil.which("wds2idx") or str(Path(sys.executable).with_name("wds2idx"))
-        if not os.access(tool, os.X_OK):
-            raise ShardingError("DALI's wds2idx tool is not installed (pip install nvidia-dali-cuda*)") from None
-        done = subprocess.run([tool, str(tar_path), str(idx_path)], capture_output=True, text=True)
-        if done.returncode:
-            raise ShardingError(f"wds2idx failed on {tar_path}: {done.stderr.strip()}")
-        return
-    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as creator:
-        creator.create_index()
 
 
-def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +378,7 @@ class _Converter:
         """Write the manifest; an incomplete one (rewritten after every shard) without indentation, which
         makes json several times slower."""
         manifest = self.manifest(complete)
-        _write_json(self.manifest_path, manifest, indent=1 if complete else None)
+        write_json(self.manifest_path, manifest, indent=1 if complete else None)
         return manifest
 
     def progress(self, inputs: int, input_bytes: int) -> None:
@@ -598,7 +566,7 @@ class _Converter:
                                 f"+ {counts['skipped']} skipped")
         self.remove_stale()
         try:
-            _write_json(self.manifest_path, manifest, indent=1)
+            write_json(self.manifest_path, manifest, indent=1)
         except OSError as exc:
             if _disk_full(exc):  # nothing half-written may stay on a full disk (a crash's leftovers are the rerun's)
                 self.remove_partial()
@@ -648,87 +616,5 @@ def convert(listing: SourceListing, out_dir: str | Path, options: ShardOptions |
 # Reader side
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class ShardManifest:
-    """A validated ``manifest.json``: ``data`` is the parsed JSON, ``split_dir`` its folder."""
-
-    split_dir: Path
-    data: dict[str, Any]
-
-    @property
-    def split(self) -> str:
-        return self.data["split"]
-
-    @property
-    def total(self) -> int:
-        """Number of samples in the split."""
-        return int(self.data["total"])
-
-    @property
-    def shards(self) -> list[dict[str, Any]]:
-        return self.data["shards"]
-
-    @property
-    def tar_paths(self) -> list[Path]:
-        return [self.split_dir / s["name"] for s in self.shards]
-
-    @property
-    def index_paths(self) -> list[Path]:
-        """DALI index files, in the order of :attr:`tar_paths`."""
-        return [self.split_dir / s["index_file"] for s in self.shards]
-
-    @property
-    def classes(self) -> list[dict[str, Any]]:
-        """``[{"index", "id", "name"}]``; ``classes[i]["index"] == i``."""
-        return self.data["classes"]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.data["classes"])
-
-    @property
-    def skipped(self) -> list[dict[str, Any]]:
-        return self.data["skipped"]
 
 
-def load_manifest(split_dir: str | Path, verify_checksums: bool = False, require_shards: bool = True) -> ShardManifest:
-    """Read and check ``split_dir/manifest.json`` (``split_dir`` may also be the manifest file itself).
-
-    Raises :class:`ShardingError` naming the path when the manifest is missing, unreadable, of another
-    format or incomplete (an interrupted conversion), when its counts do not add up, or when a listed
-    shard or ``.idx`` is missing (only an ``.idx`` with ``require_shards=False``: a remote split's cache,
-    whose tars are fetched when read); with ``verify_checksums`` also when a shard's sha256 differs.
-    """
-    path = Path(split_dir)
-    if path.name == MANIFEST or path.is_file():
-        path, split_dir = path, path.parent
-    else:
-        path, split_dir = path / MANIFEST, path
-    if not path.is_file():
-        raise ShardingError(f"{path}: manifest not found; convert the split first "
-                            f"(python launch/make_shards.py ... --out {split_dir.parent})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShardingError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise ShardingError(f"{path}: manifest format {found!r}, expected {FORMAT!r}; convert the split again")
-    missing = [k for k in ("complete", "split", "total", "shards", "classes", "skipped") if k not in data]
-    if missing:
-        raise ShardingError(f"{path}: manifest lacks {missing}")
-    if not data["complete"]:
-        raise ShardingError(f"{path}: the conversion did not finish (manifest is incomplete); run the same "
-                            f"make_shards command again to resume it")
-    counted = sum(int(s["count"]) for s in data["shards"])
-    if counted != data["total"]:
-        raise ShardingError(f"{path}: shard counts add up to {counted}, the manifest total is {data['total']}")
-    for s in data["shards"]:
-        for member in ("name", "index_file") if require_shards else ("index_file",):
-            p = split_dir / s[member]
-            if not p.is_file():
-                raise ShardingError(f"{p}: listed in {path} but missing")
-        if verify_checksums and sha256_file(split_dir / s["name"]) != s["sha256"]:
-            raise ShardingError(f"{split_dir / s['name']}: sha256 differs from {path}; the shard is damaged "
-                                f"(rerun make_shards to rewrite it)")
-    return ShardManifest(split_dir=split_dir, data=data)

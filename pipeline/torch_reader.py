@@ -62,16 +62,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import schema
 from pipeline.batch import Batch
+from pipeline.dali_index import read_index
 from pipeline.remote import PREFETCH
-from pipeline.loader import (ANTIALIAS_ABOVE, CorruptSampleError, LoaderRequest, ShardError,
-                             read_index, train_steps_per_epoch)
+from pipeline.request import (ANTIALIAS_ABOVE, CROP_RATIO, CorruptSampleError, LoaderRequest, ShardError,
+                              train_steps_per_epoch)
 
 __all__ = ["make_torch_loader", "TorchLoader", "ShardRangeDataset", "decode_resize", "random_resized_crop_box"]
 
 log = logging.getLogger(__name__)
-
-#: aspect ratio range of the random-resized crop (torchvision's and DALI's default)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 class RawSample(NamedTuple):

@@ -36,8 +36,8 @@ def tiny_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference():
     """The real ILSVRC-2012 val geometry of ``../shared/data/ilsvrc2012_val_boxes`` (skips when absent)."""
-    from pipeline.sources import ilsvrc
+    from pipeline.sources import ilsvrc_fixture
 
-    if not ilsvrc.DEFAULT_VAL_BOXES_DIR.is_dir():
-        pytest.skip(f"{ilsvrc.DEFAULT_VAL_BOXES_DIR} not present")
-    return ilsvrc.read_val_reference()
+    if not ilsvrc_fixture.DEFAULT_VAL_BOXES_DIR.is_dir():
+        pytest.skip(f"{ilsvrc_fixture.DEFAULT_VAL_BOXES_DIR} not present")
+    return ilsvrc_fixture.read_val_reference()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sources.ilsvrc import make_fixture
+from pipeline.sources.ilsvrc_fixture import make_fixture
 from tests.mlflow_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import pytest
 import webdataset as wds
 
 from pipeline import loader as L
+from pipeline import manifest as M
 from pipeline.schema import flip_boxes
 from tests.loader_fixtures import collect, tiny_config
 
@@ -20,7 +21,7 @@ def truth(tiny_shards):
     """Per split: global index -> (label, boxes (n, 4), width, height), read from the ``json`` members."""
     out = {}
     for split in ("train", "test"):
-        info = L.read_split(tiny_shards, split)
+        info = M.read_split(tiny_shards, split)
         table = {}
         for sample in wds.WebDataset([str(s.tar) for s in info.shards], shardshuffle=False, empty_check=False):
             meta = json.loads(sample["json"])
@@ -179,7 +180,7 @@ def test_gpu_graph_is_the_cpu_graph_with_device_strings_switched(tiny_shards, cr
     ('gpu') differ, while the reader, box and metadata operators stay on the CPU.
     """
     from pipeline.dali import wsol_pipeline
-    info = L.read_split(tiny_shards, "test")
+    info = M.read_split(tiny_shards, "test")
 
     def trace(decoder):
         pipe = wsol_pipeline(tars=[str(s.tar) for s in info.shards], indexes=[str(s.index) for s in info.shards],
@@ -215,7 +216,7 @@ def ilsvrc_shards(tmp_path_factory):
     """24 ILSVRC validation images with their real sizes and boxes (several per image for some),
     through the ILSVRC converter: non-square images, padded box batches."""
     from pipeline.shards import ShardOptions, convert, list_source
-    from pipeline.sources.ilsvrc import make_fixture
+    from pipeline.sources.ilsvrc_fixture import make_fixture
     work = tmp_path_factory.mktemp("ilsvrc")
     raw = make_fixture(work / "raw", count=24, texture="flat")
     convert(list_source("ilsvrc", raw, "val"), work / "shards", ShardOptions(samples_per_shard=10, workers=0,

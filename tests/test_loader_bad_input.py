@@ -7,6 +7,9 @@ import shutil
 import pytest
 
 from pipeline import loader as L
+from pipeline import manifest as M
+from pipeline import dali_index as I
+from pipeline import request as R
 from pipeline.shards import ShardingError
 from tests.loader_fixtures import collect, tiny_config
 
@@ -22,13 +25,13 @@ def root(tiny_shards, tmp_path):
 
 
 def shard(root, k=0):
-    return L.read_split(root, "test").shards[k]
+    return M.read_split(root, "test").shards[k]
 
 
 def corrupt_jpeg(root, k=0, position=2) -> str:
     """Overwrite the JPEG bytes of one sample in place (tar and index stay valid); returns its key."""
     target = shard(root, k)
-    sample = L.read_index(target.index)[position]
+    sample = I.read_index(target.index)[position]
     offset, size = sample.members["jpg"]
     with open(target.tar, "r+b") as f:
         f.seek(offset)
@@ -41,7 +44,7 @@ def test_truncated_shard_is_named_at_build(root, backend):
     target = shard(root, 1)
     with open(target.tar, "r+b") as f:
         f.truncate(target.tar.stat().st_size // 2)
-    with pytest.raises(L.ShardError, match=rf"{target.name}.*truncated"):
+    with pytest.raises(R.ShardError, match=rf"{target.name}.*truncated"):
         L.build_loader(tiny_config(root), "test", 0, 1, backend=backend)
 
 
@@ -52,10 +55,10 @@ def test_truncation_is_caught_by_the_index_even_without_recorded_sizes(root):
         entry.pop("bytes", None)
     manifest.write_text(json.dumps(data))
     target = shard(root, 0)
-    last = L.read_index(target.index)[-1]
+    last = I.read_index(target.index)[-1]
     with open(target.tar, "r+b") as f:
         f.truncate(last.end - 100)  # into the last sample (the tar's zero padding alone would not count)
-    with pytest.raises(L.ShardError, match=rf"{target.name} is truncated"):
+    with pytest.raises(R.ShardError, match=rf"{target.name} is truncated"):
         L.build_loader(tiny_config(root), "test", 0, 1, backend="torch")
 
 
@@ -66,7 +69,7 @@ def test_shard_truncated_while_reading_is_named(root):
     target = shard(root, 2)
     with open(target.tar, "r+b") as f:
         f.truncate(2048)
-    with pytest.raises(L.ShardError, match=rf"{target.name} is truncated"):
+    with pytest.raises(R.ShardError, match=rf"{target.name} is truncated"):
         collect(loader)
 
 
@@ -74,7 +77,7 @@ def test_shard_truncated_while_reading_is_named(root):
 def test_missing_index_is_named(root, backend):
     target = shard(root, 1)
     target.index.unlink()
-    with pytest.raises((L.ShardError, ShardingError), match=target.index.name):
+    with pytest.raises((R.ShardError, ShardingError), match=target.index.name):
         L.build_loader(tiny_config(root), "test", 0, 1, backend=backend)
 
 
@@ -88,7 +91,7 @@ def test_stale_index_is_named(root, backend):
     data = json.loads(manifest.read_text())
     data["shards"][0]["bytes"] = first.tar.stat().st_size
     manifest.write_text(json.dumps(data))
-    with pytest.raises(L.ShardError, match=rf"{first.index.name} is stale"):
+    with pytest.raises(R.ShardError, match=rf"{first.index.name} is stale"):
         L.build_loader(tiny_config(root), "test", 0, 1, backend=backend)
 
 
@@ -96,7 +99,7 @@ def test_changed_shard_size_is_named(root):
     target = shard(root, 2)
     with open(target.tar, "ab") as f:
         f.write(b"\0" * 512)
-    with pytest.raises(L.ShardError, match=rf"{target.name} is \d+ bytes, the manifest recorded"):
+    with pytest.raises(R.ShardError, match=rf"{target.name} is \d+ bytes, the manifest recorded"):
         L.build_loader(tiny_config(root), "test", 0, 1, backend="torch")
 
 
@@ -104,7 +107,7 @@ def test_changed_shard_size_is_named(root):
 def test_corrupt_jpeg_fails_naming_shard_and_key(root, workers):
     key = corrupt_jpeg(root, k=1)
     loader = L.build_loader(tiny_config(root, num_workers=workers), "test", 0, 1, backend="torch")
-    with pytest.raises(L.CorruptSampleError, match=rf"{shard(root, 1).name}.*{key}"):
+    with pytest.raises(R.CorruptSampleError, match=rf"{shard(root, 1).name}.*{key}"):
         collect(loader)
 
 
@@ -113,7 +116,7 @@ def test_dali_corrupt_jpeg_fails_naming_the_shards_of_the_rank(root):
     range (rank 0 of 2 reads samples 0..10: shards 0 and 1) and the operator that failed."""
     corrupt_jpeg(root, k=1, position=2)  # global sample 10
     loader = L.build_loader(tiny_config(root, num_workers=1), "test", 0, 2, backend="dali")
-    with pytest.raises(L.CorruptSampleError, match=rf"{shard(root, 1).name}.*decoders") as info:
+    with pytest.raises(R.CorruptSampleError, match=rf"{shard(root, 1).name}.*decoders") as info:
         collect(loader)
     assert shard(root, 2).name not in str(info.value)
 
@@ -134,9 +137,9 @@ def test_corrupt_jpeg_is_a_counted_skip_when_configured(root, caplog):
 
 def test_skip_mode_fails_when_nothing_is_decodable(root):
     """Skipping must not turn into an endless re-read when every sample of a stretch is bad."""
-    for k, count in enumerate(s.count for s in L.read_split(root, "test").shards):
+    for k, count in enumerate(s.count for s in M.read_split(root, "test").shards):
         for position in range(count):
             corrupt_jpeg(root, k=k, position=position)
     cfg = tiny_config(root, num_workers=0, on_corrupt="skip", batch_size=2)
-    with pytest.raises(L.CorruptSampleError, match="can be decoded"):
+    with pytest.raises(R.CorruptSampleError, match="can be decoded"):
         collect(L.build_loader(cfg, "test", 0, 1, train=True, backend="torch"))

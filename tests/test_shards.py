@@ -16,9 +16,10 @@ import pytest
 import simplejpeg
 
 from pipeline import schema
-from pipeline.shards import (ShardingError, ShardOptions, clip_boxes, convert, list_source, load_manifest,
-                             normalize_image, sha256_file)
-from pipeline.sources import cub, ilsvrc
+from pipeline.manifest import load_manifest, sha256_file
+from pipeline.shard_worker import clip_boxes, normalize_image
+from pipeline.shards import ShardingError, ShardOptions, convert, list_source
+from pipeline.sources import cub, ilsvrc, ilsvrc_fixture
 from pipeline.sources.base import SourceError
 from pipeline.sources.synthetic import SyntheticSpec, write_cub_layout
 from pipeline.tarshard import ShardTarWriter
@@ -43,7 +44,7 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_ilsvrc(tmp_path_factory, reference):
-    return ilsvrc.make_fixture(tmp_path_factory.mktemp("ilsvrc") / "root", ids=VAL, train_classes=3,
+    return ilsvrc_fixture.make_fixture(tmp_path_factory.mktemp("ilsvrc") / "root", ids=VAL, train_classes=3,
                                train_per_class=3)
 
 
@@ -570,7 +571,7 @@ def idx_keys(idx_path: Path) -> list[str]:
 @pytest.mark.slow
 def test_full_ilsvrc_val_counts_labels_and_every_box_exactly(reference, tmp_path):
     from nvidia.dali import fn, pipeline_def, types
-    root = ilsvrc.make_fixture(tmp_path / "ilsvrc", xml=False)
+    root = ilsvrc_fixture.make_fixture(tmp_path / "ilsvrc", xml=False)
     listing = list_source("ilsvrc", root, "val", annotations=root / "LOC_val_solution.csv")
     result = convert(listing, tmp_path / "shards", opts(samples_per_shard=12_500, workers=2))
     m = result.manifest

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from pipeline.sources import cub, ilsvrc
+from pipeline.sources import cub, ilsvrc, ilsvrc_fixture
 from pipeline.sources.base import SourceError
 from pipeline.sources.synthetic import SyntheticSpec, write_cub_layout
 
-needs_val_geometry = pytest.mark.skipif(not ilsvrc.DEFAULT_VAL_BOXES_DIR.is_dir(),
-                                        reason=f"{ilsvrc.DEFAULT_VAL_BOXES_DIR} not present")
+needs_val_geometry = pytest.mark.skipif(not ilsvrc_fixture.DEFAULT_VAL_BOXES_DIR.is_dir(),
+                                        reason=f"{ilsvrc_fixture.DEFAULT_VAL_BOXES_DIR} not present")
 FIRST = [f"ILSVRC2012_val_{i:08d}" for i in range(1, 25)]
 
 
 @pytest.fixture(scope="module")
 def small_ilsvrc(tmp_path_factory, reference):
     """24 validation images (XML + CSV) and 3 classes x 4 training images, real layout."""
-    return ilsvrc.make_fixture(tmp_path_factory.mktemp("ilsvrc") / "root", ids=FIRST, train_classes=3,
+    return ilsvrc_fixture.make_fixture(tmp_path_factory.mktemp("ilsvrc") / "root", ids=FIRST, train_classes=3,
                                train_per_class=4)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import schema
-from pipeline.shards import write_dali_index
+from pipeline.dali_index import write_dali_index
 from pipeline.tarshard import ShardTarWriter, ustar_header
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline import schema
-from pipeline.loader import read_index, read_split
+from pipeline.dali_index import read_index
+from pipeline.manifest import read_split
 from tests.faults.common import ROOT, Job, env, train_args
 
 pytestmark = pytest.mark.slow

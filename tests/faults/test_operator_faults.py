@@ -156,7 +156,7 @@ def test_a_second_job_in_the_same_run_directory_is_refused(tiny_shards, tmp_path
 def test_a_swapped_shard_is_refused_naming_it(tiny_shards, tmp_path, swap):
     """A shard of another split (or another position) copied over a test shard with its index, or with an index
     rebuilt by wds2idx: evaluation stops before reading an image, naming the shard."""
-    from pipeline.shards import write_dali_index
+    from pipeline.dali_index import write_dali_index
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
