@@ -115,11 +115,11 @@ def score_cstn(output, labels: torch.Tensor, cfg: Config) -> Scored:
     """CSTN family: the MAP (or box-voting) location of p(c, l, s) and its box. With
     ``eval.box_decoding`` ``scoremap`` or ``logitmap`` the Top-1 and GT-known boxes threshold a
     class map at ``eval.cam_fixed_threshold`` like CAM's, and the true class's maps go to
-    MaxBoxAcc: the window score map (:func:`cstn.boxes.window_score_maps`; without transform: the
+    MaxBoxAcc: the window score map (:func:`cstn.inference.window_score_maps`; without transform: the
     same from the reference windows) or the joint scores read as a map
-    (:func:`cstn.boxes.location_score_maps`; it has no reference version). Top-k boxes and levels
+    (:func:`cstn.inference.location_score_maps`; it has no reference version). Top-k boxes and levels
     are the MAP locations' in every decoding."""
-    from cstn.boxes import location_score_maps, predict, window_score_maps
+    from cstn.inference import location_score_maps, predict, window_score_maps
 
     e = cfg.eval
     pred = predict(output, labels=labels, topk=e.topk, use_transform=e.use_transform,
@@ -180,6 +180,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
     """
     from cstn.models import is_cam_family
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, wsol_resize_boxes
+    from cstn.progress import Progress
 
     was_training = model.training
     model.eval()
@@ -190,13 +191,15 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
     maxbox = MaxBoxAccEvaluator.from_config(cfg) if uses_maps(cfg) else None
     viz: dict[str, list] = {"images": [], "gt": [], "ref": [], "pred": [], "titles": []}
     t_data = t_model = t_metric = 0.0
-    t_last = t_start = time.perf_counter()
+    t_last = time.perf_counter()
     seen = 0
+    progress = Progress(len(loader), dist.world_size(), header="eval")
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         t0 = time.perf_counter()
         t_data += t0 - t_last
+        progress.data_ready()
         batch = batch.to(device)
         with _autocast(device, precision):
             output = model(batch.images)
@@ -236,11 +239,9 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
                 viz["titles"].append(f"#{int(batch.indices[j])} y={int(batch.labels[j])}")
         seen += len(batch)
         t_last = time.perf_counter()
+        progress.step_done(len(batch), {})
         if dist.is_main() and log_every and (i + 1) % log_every == 0:
-            rate = seen / max(1e-9, t_last - t_start)  # this rank's images; the others run alike
-            left = max(0, getattr(loader, "num_samples", seen) - seen) / max(rate, 1e-9)
-            print(f"eval batch {i + 1}/{len(loader)}  {rate * dist.world_size():.0f} img/s (all ranks)  "
-                  f"eta {left:.0f}s", flush=True)
+            print(progress.line(i + 1), flush=True)
         t_metric += t_last - t1
 
     # -- the single gather -----------------------------------------------------

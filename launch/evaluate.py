@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     split = args.split or cfg.data.eval_split
 
     dist.init(cfg.dist.backend, cfg.dist.timeout_s)
-    from cstn.engine import resolve_precision, summarize
+    from cstn.train_loop import resolve_precision, summarize
     from cstn.evaluation import evaluate
     from cstn.models import build_model
     from cstn.run_records import is_model_uri, load_logged_model

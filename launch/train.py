@@ -28,8 +28,9 @@ import torch
 from cstn import checkpoint, dist
 from cstn.config import add_config_args, config_from_args, flatten, save_config, to_dict
 from cstn.data_plan import DataPlan, plan_for
-from cstn.engine import (Progress, all_finite, deepspeed_config, resolve_precision, skip_batches, summarize,
-                         sync_buffers)
+from cstn.progress import Progress
+from cstn.train_loop import (all_finite, deepspeed_config, resolve_precision, skip_batches, summarize,
+                             sync_buffers)
 
 
 def parse_args(argv=None):

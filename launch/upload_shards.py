@@ -12,7 +12,6 @@ temporary directory and calls this. Credentials come from the backend's standard
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

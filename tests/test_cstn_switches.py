@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cstn.boxes import expected_iou_choice, location_score_maps, predict, window_score_maps
+from cstn.inference import expected_iou_choice, location_score_maps, predict, window_score_maps
 from cstn.config import ConfigError, LossConfig, load_config
 from cstn.evaluation import normalised_class_maps
 from cstn.losses import compute_loss, scale_loss, theta_loss

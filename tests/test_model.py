@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from cstn.boxes import predict
+from cstn.inference import predict
 from cstn.config import load_config
 from cstn.losses import compute_loss
 from cstn.models import CAMModel, CSTNModel, build_model

@@ -60,7 +60,7 @@ def _pause(name: str, spec: dict) -> None:
 
 def install(plan: list[dict]) -> None:
     import cstn.checkpoint
-    import cstn.engine
+    import cstn.progress
     import cstn.losses
     import cstn.tracking
     import cstn.viz
@@ -91,14 +91,14 @@ def install(plan: list[dict]) -> None:
 
     cstn.losses.compute_loss = compute_loss
 
-    original_step_done = cstn.engine.Progress.step_done
+    original_step_done = cstn.progress.Progress.step_done
 
     def step_done(self, *args, **kwargs):
         original_step_done(self, *args, **kwargs)
         state["steps_done"] += 1
         step_points("after", state["base"] + state["steps_done"])
 
-    cstn.engine.Progress.step_done = step_done
+    cstn.progress.Progress.step_done = step_done
 
     original_write = cstn.checkpoint._atomic_write
 

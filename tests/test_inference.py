@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cstn.boxes import Predictions, predict
+from cstn.inference import Predictions, predict
 from cstn.models.geometry import (identity_theta, reference_boxes, transformed_boxes, window_centres)
 from cstn.models.output import ModelOutput
 
