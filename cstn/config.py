@@ -26,14 +26,14 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
     "EvalConfig", "LogConfig", "DistConfig", "ConfigError", "load_config", "save_config", "LEGACY_MODEL_VALUES",
-    "config_hash", "to_dict", "flatten", "describe",
+    "config_hash", "to_dict", "flatten", "describe", "choices",
 ]
 
 
@@ -57,7 +57,7 @@ class DataConfig:
     """Split name used for training."""
     eval_split: str = "test"
     """Split name used for evaluation (ILSVRC: ``val``; CUB and synthetic: ``test``)."""
-    backend: str = "auto"
+    backend: Literal["auto", "dali", "torch"] = "auto"
     """Input backend: ``auto`` (DALI+GPU decode with a GPU, else the faster CPU path), ``dali`` or ``torch``."""
     image_size: int = 320
     """Square network input size in pixels (the paper uses 320)."""
@@ -77,23 +77,23 @@ class DataConfig:
     """Per-channel mean (RGB, in [0, 1]) the model subtracts from its uint8 input / 255."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     """Per-channel standard deviation (RGB, in [0, 1])."""
-    on_corrupt: str = "fail"
+    on_corrupt: Literal["fail", "skip"] = "fail"
     """What a corrupt sample inside a shard does: ``fail`` (error naming the shard) or ``skip`` (counted)."""
     shuffle_buffer: int = 1000
     """Samples held for in-reader shuffling in training (shards are also pre-shuffled at conversion)."""
-    verify_shards: str = "cheap"
+    verify_shards: Literal["off", "cheap", "full"] = "cheap"
     """Shard identity check at open: ``cheap`` (sizes, counts, the index's sha256, the first/last sample's global index against the manifest), ``full`` (also every tar's sha256, once per file version, cached) or ``off``."""
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "cstn"
+    arch: Literal["cstn", "cam", "has", "acol", "spg", "adl", "cutmix"] = "cstn"
     """Model family: ``cstn`` (FPN + per-level head, joint p(c, l, s)), ``cam`` (GAP classifier baseline) or a comparison method on CAM: ``has``, ``acol``, ``spg``, ``adl``, ``cutmix``."""
-    head: str = "cstn"
+    head: Literal["cstn", "conv"] = "cstn"
     """Per-level head of the ``cstn`` family: ``cstn`` (transform learned) or ``conv`` (plain k x k conv, Table II)."""
-    head_impl: str = "fast"
+    head_impl: Literal["fast", "reference", "im2col", "deform", "project"] = "fast"
     """CSTN head sampling: ``fast`` (= ``im2col``), ``reference`` (grid_sample + conv), ``im2col`` (grid_sample columns + GEMM), ``deform`` (torchvision deform_conv2d) or ``project`` (channels projected before sampling)."""
-    backbone: str = "resnet50"
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     """torchvision ResNet depth: ``resnet10``, ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``."""
     width: float = 1.0
     """Channel-width multiplier of the backbone (only for resnet10: 0.5 gives the CPU demo model)."""
@@ -131,7 +131,7 @@ class ModelConfig:
     """CutMix (``arch: cutmix``): Beta(beta, beta) law of the kept area (Yun et al.: 1.0)."""
     cutmix_prob: float = 1.0
     """CutMix: probability that a batch is mixed (Choe et al.'s WSOL setting: 1.0)."""
-    fpn_upsample: str = "aligned"
+    fpn_upsample: Literal["aligned", "nearest", "bilinear"] = "aligned"
     """FPN top-down upsampling: ``aligned`` (P4 cell i reads P5 at exactly i/2, where the ResNet centres it), ``nearest`` (torchvision's FPN; checkpoints before this option) or ``bilinear`` (the authors', align_corners=False); the last two centre P4's top-down path 8 px up-left of its lateral path."""
     extra_relu: bool = True
     """ReLU after the extra conv-BN pair before the FPN (the authors feed the BN output on: false)."""
@@ -139,13 +139,13 @@ class ModelConfig:
     """3x3 output conv of the FPN on P5, as torchvision's FPN (the authors use the 1x1 inner conv's output: false)."""
     shared_classifier: bool = False
     """One 1x1 class conv shared by every level (the authors'), instead of one per level with its own class biases."""
-    loc_net: str = "kxk_1x1"
+    loc_net: Literal["kxk_1x1", "authors"] = "kxk_1x1"
     """Theta net: ``kxk_1x1`` (k x k conv, ReLU, 1x1 conv with bias: theta reads the k x k window) or ``authors`` (k x k same-padded conv, ReLU, k x k conv without bias: theta reads 2k-1 cells; odd k only)."""
-    window_span: str = "cells"
+    window_span: Literal["cells", "taps"] = "cells"
     """What theta's square [-1, 1]^2 spans: ``cells`` (the window's k cells: translation unit and box half side k/2 cells) or ``taps`` (the k tap centres, the authors' align_corners=True grid: (k-1)/2 cells)."""
-    level_prior: str = "none"
+    level_prior: Literal["none", "balanced"] = "none"
     """``balanced`` offsets each level's logits by -log(H' W') so every level holds equal prior mass in the joint softmax; ``none`` is the paper's."""
-    input_method: str = "none"
+    input_method: Literal["none", "has", "cutmix"] = "none"
     """Training inputs of the ``cstn`` arch: ``none``, ``has`` (Hide-and-Seek, model.has_grid / has_hide_prob) or ``cutmix`` (model.cutmix_beta / cutmix_prob; the loss mixes labels)."""
 
 
@@ -158,19 +158,19 @@ checkpoints written before the field existed (a missing field in a checkpoint me
 class LossConfig:
     theta_lambda: float = 1e-4
     """Weight lambda of L_theta (paper eq. 2; Table III)."""
-    theta_reduction: str = "sum"
+    theta_reduction: Literal["sum", "mean"] = "sum"
     """``sum`` over levels and locations (the paper's) or ``mean`` per location (resolution independent)."""
     scale_alpha: float = 0.0
     """Weight alpha of the level hinge L_scale (paper eq. 3; authors: 5 on CUB)."""
-    reg_batch_reduction: str = "mean"
+    reg_batch_reduction: Literal["mean", "sum"] = "mean"
     """How L_theta and L_scale combine over the batch: ``mean`` (as L_cls) or ``sum`` (the authors': at batch B their lambda and alpha weigh B times more)."""
-    scale_class: str = "label"
+    scale_class: Literal["label", "predicted"] = "label"
     """Class c* of the level hinge in training: ``label`` (the true class) or ``predicted`` (argmax p(c), the authors')."""
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"
     """Optimizer: ``sgd`` (momentum, the authors') or ``adamw``."""
     lr: float = 1e-3
     """Base learning rate of the new layers, for the global batch."""
@@ -182,7 +182,7 @@ class OptimConfig:
     """Learning-rate multiplier of the pretrained backbone."""
     theta_lr_mult: float = 0.05
     """Learning-rate multiplier of the theta-predicting layers (DESIGN §7: full rate blows boxes up)."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
     """Learning-rate schedule after warmup: ``cosine``, ``step`` or ``constant``."""
     warmup_steps: int = 0
     """Linear warmup steps."""
@@ -208,9 +208,9 @@ class TrainConfig:
     """Stop after this many optimizer steps (0 = run all epochs)."""
     grad_accum: int = 1
     """Gradient accumulation steps."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16`` (GPU only, loss scaling)."""
-    zero_stage: int = 0
+    zero_stage: Literal[0, 1, 2] = 0
     """DeepSpeed ZeRO stage (0, 1 or 2)."""
     seed: int = 0
     """Global seed (each rank derives its own from it)."""
@@ -238,7 +238,7 @@ class TrainConfig:
 class EvalConfig:
     use_transform: bool = True
     """Use transformed boxes; ``false`` swaps in the reference box of the same location (Table I)."""
-    level_choice: str = "joint"
+    level_choice: Literal["joint", "level_first"] = "joint"
     """How the top-1 box picks its location: ``joint`` (the paper's MAP over all levels' locations) or ``level_first`` (the level of largest mass ``sum_l p(c, l, s)`` first, then the MAP location in it). Top-k boxes keep the joint order."""
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     """IoU thresholds every Loc figure is reported at."""
@@ -252,13 +252,13 @@ class EvalConfig:
     """Equal-width bins of ground-truth box area for the per-size histogram."""
     viz_samples: int = 16
     """Images drawn in the box picture grid."""
-    box_decoding: str = "map"
+    box_decoding: Literal["map", "expected_iou", "scoremap", "logitmap"] = "map"
     """CSTN top-1 / GT-known box: ``map`` (the paper: the box of the most probable location), ``expected_iou`` (the box maximising sum_j p(c, j) IoU(b, b_j) over all levels' boxes), ``scoremap`` (threshold, at eval.cam_fixed_threshold, the map sum_j p(c, j) [x in box_j], min-max normalised, as CAM's) or ``logitmap`` (threshold the class's joint scores read as a map on eval.logitmap_levels, CAM-style); both map decodings add MaxBoxAcc/V2."""
     logitmap_levels: list[int] = field(default_factory=lambda: [])
     """Levels read by ``box_decoding=logitmap`` (empty: every level of the model)."""
     scoremap_temperature: float = 1.0
     """Temperature T of the window score map (``box_decoding=scoremap``): windows weigh p(c, j)^(1/T); 1 is the plain probability, larger flattens a peaked distribution."""
-    cam_upsample: str = "resize"
+    cam_upsample: Literal["resize", "aligned"] = "resize"
     """How CAM-family maps reach the input size: ``resize`` (cv2.resize, Choe et al.'s protocol: cell c centred at t (c + 0.5)) or ``aligned`` (cell c centred where the ResNet looks, t c + 0.5; a measurement of the protocol's half-cell bias)."""
 
 
@@ -284,7 +284,7 @@ class LogConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Collective backend: ``auto`` (nccl with CUDA, gloo otherwise), ``nccl`` or ``gloo``."""
     timeout_s: int = 600
     """Collective timeout in seconds (a dead rank fails the job after this)."""
@@ -314,39 +314,27 @@ class Config:
 # Validation of values (beyond types)
 # ---------------------------------------------------------------------------
 
-_CHOICES = {
-    "data.backend": ("auto", "dali", "torch"),
-    "data.on_corrupt": ("fail", "skip"),
-    "data.verify_shards": ("off", "cheap", "full"),
-    "model.arch": ("cstn", "cam", "has", "acol", "spg", "adl", "cutmix"),
-    "model.head": ("cstn", "conv"),
-    "model.head_impl": ("fast", "reference", "im2col", "deform", "project"),
-    "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
-    "loss.theta_reduction": ("sum", "mean"),
-    "eval.level_choice": ("joint", "level_first"),
-    "eval.box_decoding": ("map", "expected_iou", "scoremap", "logitmap"),
-    "eval.cam_upsample": ("resize", "aligned"),
-    "model.fpn_upsample": ("aligned", "nearest", "bilinear"),
-    "model.loc_net": ("kxk_1x1", "authors"),
-    "model.window_span": ("cells", "taps"),
-    "model.level_prior": ("none", "balanced"),
-    "model.input_method": ("none", "has", "cutmix"),
-    "loss.reg_batch_reduction": ("mean", "sum"),
-    "loss.scale_class": ("label", "predicted"),
-    "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("cosine", "step", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.zero_stage": (0, 1, 2),
-    "dist.backend": ("auto", "nccl", "gloo"),
-}
+def choices(cls=None, prefix: str = "") -> dict[str, tuple]:
+    """Every dotted key whose field is annotated ``Literal[...]`` -> its allowed values, read from the
+    annotations themselves (the one place they are written)."""
+    cls = cls or Config
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(choices(tp, prefix + f.name + "."))
+        elif typing.get_origin(tp) is Literal:
+            out[prefix + f.name] = typing.get_args(tp)
+    return out
 
 
 def _validate(cfg: Config) -> None:
-    for key, choices in _CHOICES.items():
+    for key, allowed in choices().items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
     m = cfg.model
     if not m.levels or any(level not in (4, 5) for level in m.levels) or len(set(m.levels)) != len(m.levels):
         raise ConfigError(f"model.levels={m.levels} must be a non-empty subset of [4, 5]")
@@ -412,6 +400,8 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key, source)
+    if origin is Literal:  # the value's type here; membership in _validate, once the config is whole
+        return _coerce(value, type(typing.get_args(tp)[0]), key, source)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

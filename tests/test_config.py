@@ -58,6 +58,9 @@ def test_cli_value_types(tmp_path):
     ("model.levels=4", "model.levels (from command line): expected a list"),
     ("model.levels=[4, x]", "model.levels[1]"),
     ("model.head=deform", "model.head='deform' is not one of"),
+    ("train.zero_stage=3", "train.zero_stage=3 is not one of [0, 1, 2]"),
+    ("train.zero_stage=one", "train.zero_stage (from command line): expected int"),
+    ("eval.box_decoding=boxes", "eval.box_decoding='boxes' is not one of ['map', 'expected_iou', 'scoremap', 'logitmap']"),
     ("model.levels=[3]", "model.levels=[3]"),
     ("model.levels=[4]", "need one entry per level"),
     ("train.epochs", "must look like section.key=value"),
@@ -127,3 +130,15 @@ def test_base_yaml_is_what_describe_writes():
     res = run_cli("--describe")
     assert res.returncode == 0
     assert res.stdout == BASE.read_text()
+
+
+def test_literal_fields_are_the_allowed_values():
+    """Each ``Literal`` field: its default is allowed, every allowed value survives a YAML round trip
+    through the command line, and a value outside it is refused."""
+    allowed = C.choices()
+    assert {"data.backend", "model.arch", "train.zero_stage", "eval.box_decoding"} <= set(allowed)
+    for key, values in allowed.items():
+        section, name = key.split(".")
+        assert getattr(getattr(C.Config(), section), name) in values, key
+        with pytest.raises(C.ConfigError, match="is not one of"):
+            C.load_config(None, [f"{key}={values[0]}x" if isinstance(values[0], str) else f"{key}={max(values) + 1}"])
