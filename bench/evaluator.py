@@ -34,7 +34,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, iou_suffix  # noqa: E402
+from cstn.metrics import BoxPredictions, LocalizationEvaluator, MaxBoxAccEvaluator, iou_suffix  # noqa: E402
 
 DEFAULT_BOXES = Path("/work/shared/data/ilsvrc2012_val_boxes")
 
@@ -225,12 +225,12 @@ def bench_paper_metrics(folder: Path, batch: int = 100, topk: int = 5, classes: 
             mine = np.concatenate([mine, mine[-3:]])
         for s in range(0, len(mine), batch):
             i = mine[s:s + batch]
-            evaluator.accumulate(
+            evaluator.accumulate(BoxPredictions(
                 torch.from_numpy(i), torch.from_numpy(labels[i]), torch.from_numpy(topk_classes[i]),
                 predictions["top1"][i], predictions["known"][i], predictions["known_k"][i], [gt[j] for j in i],
                 top1_ref_box=predictions["top1_ref"][i], gt_known_ref_box=predictions["known_ref"][i],
                 levels=predictions["levels"][i], gt_known_levels=predictions["levels"][i],
-                keys=[keys[j] for j in i], topk_scores=predictions["scores"][i], sizes=sizes[i])
+                keys=[keys[j] for j in i], topk_scores=predictions["scores"][i], sizes=sizes[i]))
         states.append(evaluator.state())
     accumulate_s = time.process_time() - start
     merged = LocalizationEvaluator.merge(states)

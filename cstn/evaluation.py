@@ -152,6 +152,59 @@ def score_cstn(output, labels: torch.Tensor, cfg: Config) -> Scored:
     return scored
 
 
+def box_predictions(scored: Scored, batch, gt_boxes: list, size: int):
+    """One batch's :class:`Scored` (input pixels) as the localization evaluator's record, every box
+    mapped to original pixels (:func:`pipeline.schema.boxes_to_original`)."""
+    from cstn.metrics import BoxPredictions
+
+    w64, h64 = batch.sizes[:, 0].double().cpu(), batch.sizes[:, 1].double().cpu()
+
+    def original(boxes):  # (B, ..., 4) input pixels -> numpy original pixels, None stays None
+        if boxes is None:
+            return None
+        flat = boxes.double().cpu()
+        return boxes_to_original(flat if flat.dim() == 3 else flat[:, None, :], w64, h64, size).reshape(
+            boxes.shape).numpy()
+
+    def numpy(t):
+        return None if t is None else t.cpu().numpy()
+
+    return BoxPredictions(
+        indices=numpy(batch.indices), labels=numpy(batch.labels), topk_classes=numpy(scored.topk_classes),
+        top1_box=original(scored.top1), gt_known_box=original(scored.known),
+        gt_known_topk_boxes=original(scored.known_topk), gt_boxes=gt_boxes,
+        top1_ref_box=original(scored.ref_top1), gt_known_ref_box=original(scored.ref_known),
+        levels=numpy(scored.levels), gt_known_levels=numpy(scored.known_levels),
+        keys=getattr(batch, "keys", None), topk_scores=numpy(scored.topk_scores.float()),
+        sizes=numpy(batch.sizes))
+
+
+def choe_frame_boxes(gt_boxes: list, batch, size: int) -> list:
+    """Ground-truth boxes in Choe et al.'s frame for MaxBoxAcc: scaled to the ``size`` map and
+    truncated to integers (:func:`cstn.metrics.wsol_resize_boxes`)."""
+    from cstn.metrics import wsol_resize_boxes
+
+    sizes = batch.sizes.cpu().numpy()
+    return [wsol_resize_boxes(b, float(w), float(h), size) for b, (w, h) in zip(gt_boxes, sizes)]
+
+
+def collect_viz(viz: dict[str, list], batch, gt_boxes: list, scored: Scored, size: int, limit: int) -> None:
+    """Keep the first ``limit`` images with their ground truth and GT-known boxes (input pixels) for
+    the ``boxes.png`` grid."""
+    take = min(len(batch), limit - len(viz["images"]))
+    if take <= 0:
+        return
+    images = batch.images[:take].permute(0, 2, 3, 1).cpu().numpy()
+    sizes = batch.sizes.cpu().numpy()
+    for j in range(take):
+        viz["images"].append(images[j])
+        viz["gt"].append(boxes_to_input(np.asarray(gt_boxes[j], np.float64).reshape(-1, 4),
+                                        float(sizes[j, 0]), float(sizes[j, 1]), size))
+        viz["pred"].append(scored.known[j:j + 1].double().cpu().numpy())
+        viz["ref"].append(None if scored.ref_known is None else scored.ref_known[j:j + 1].double().cpu().numpy())
+        viz["titles"].append(f"#{int(batch.indices[j])} y={int(batch.labels[j])}")
+
+
 def uses_maps(cfg: Config) -> bool:
     """Whether the evaluation thresholds maps (CAM family, or CSTN with ``box_decoding`` ``scoremap``
     or ``logitmap``): then MaxBoxAcc/V2 and the best thresholds are reported too."""
@@ -176,17 +229,20 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
         expected_boxes: the manifest's box count; the merged box count must equal it.
         log_every: rank 0 prints a progress line (img/s, ETA) every this many batches (0 = never).
         split_dir: the evaluated split's directory; its sample keys fill the predictions table's
-            ``key`` column (read from its DALI indexes by :func:`pipeline.loader.split_keys`).
+            ``key`` column (read from its DALI indexes by :func:`pipeline.dali_index.split_keys`).
     """
     from cstn.models import is_cam_family
-    from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator, wsol_resize_boxes
+    from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator
     from cstn.progress import Progress
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     size = cfg.data.image_size
-    is_cam = is_cam_family(cfg.model.arch)
+    if is_cam_family(cfg.model.arch):
+        score = lambda output, labels: score_cam(model, output, labels, cfg)  # noqa: E731
+    else:
+        score = lambda output, labels: score_cstn(output, labels, cfg)  # noqa: E731
     loc = LocalizationEvaluator.from_config(cfg)
     maxbox = MaxBoxAccEvaluator.from_config(cfg) if uses_maps(cfg) else None
     viz: dict[str, list] = {"images": [], "gt": [], "ref": [], "pred": [], "titles": []}
@@ -205,38 +261,14 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, max_batches: int | Non
             output = model(batch.images)
         t1 = time.perf_counter()
         t_model += t1 - t0
-        widths, heights = batch.sizes[:, 0], batch.sizes[:, 1]
         gt_boxes = batch.gt_boxes_list()
-        scored = score_cam(model, output, batch.labels, cfg) if is_cam else score_cstn(output, batch.labels, cfg)
+        scored = score(output, batch.labels)
         if maxbox is not None:
-            # Choe et al.'s frame: GT boxes scaled to the map size and truncated to integers
-            gt_in = [wsol_resize_boxes(b, float(w), float(h), size) for b, w, h in
-                     zip(gt_boxes, widths.cpu().numpy(), heights.cpu().numpy())]
-            maxbox.accumulate(scored.true_maps, gt_in, indices=batch.indices.cpu().numpy())
-        w64 = widths.double().cpu()
-        h64 = heights.double().cpu()
-        to_orig = lambda b: None if b is None else boxes_to_original(b.double().cpu()[:, None, :], w64, h64,
-                                                                        size)[:, 0].numpy()
-        to_np = lambda t: None if t is None else t.cpu().numpy()
-        loc.accumulate(
-            indices=batch.indices.cpu().numpy(), labels=batch.labels.cpu().numpy(),
-            topk_classes=scored.topk_classes.cpu().numpy(), topk_scores=scored.topk_scores.float().cpu().numpy(),
-            top1_box=to_orig(scored.top1), gt_known_box=to_orig(scored.known),
-            gt_known_topk_boxes=boxes_to_original(scored.known_topk.double().cpu(), w64, h64, size).numpy(),
-            gt_boxes=gt_boxes, top1_ref_box=to_orig(scored.ref_top1), gt_known_ref_box=to_orig(scored.ref_known),
-            levels=to_np(scored.levels), gt_known_levels=to_np(scored.known_levels),
-            keys=getattr(batch, "keys", None), sizes=batch.sizes.cpu().numpy())
-        if dist.is_main() and len(viz["images"]) < cfg.eval.viz_samples:
-            take = min(len(batch), cfg.eval.viz_samples - len(viz["images"]))
-            imgs = batch.images[:take].permute(0, 2, 3, 1).cpu().numpy()
-            for j in range(take):
-                scale = lambda b: boxes_to_input(np.asarray(b, np.float64).reshape(-1, 4),
-                                                 float(widths[j]), float(heights[j]), size)
-                viz["images"].append(imgs[j])
-                viz["gt"].append(scale(gt_boxes[j]))
-                viz["pred"].append(scored.known[j:j + 1].double().cpu().numpy())
-                viz["ref"].append(None if scored.ref_known is None else scored.ref_known[j:j + 1].double().cpu().numpy())
-                viz["titles"].append(f"#{int(batch.indices[j])} y={int(batch.labels[j])}")
+            maxbox.accumulate(scored.true_maps, choe_frame_boxes(gt_boxes, batch, size),
+                              indices=batch.indices.cpu().numpy())
+        loc.accumulate(box_predictions(scored, batch, gt_boxes, size))
+        if dist.is_main():
+            collect_viz(viz, batch, gt_boxes, scored, size, cfg.eval.viz_samples)
         seen += len(batch)
         t_last = time.perf_counter()
         progress.step_done(len(batch), {})
@@ -268,9 +300,7 @@ def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, exp
     from cstn.metrics import LocalizationEvaluator, MaxBoxAccEvaluator
 
     merged = LocalizationEvaluator.merge([s["loc"] for s in states])
-    if expected_total is not None:
-        check_exactly_once(merged.table()["index"] if len(merged) else np.zeros(0, np.int64), int(expected_total))
-    metrics = merged.compute(expected_total=expected_total, expected_boxes=expected_boxes)
+    metrics = merged.compute(expected_total=expected_total, expected_boxes=expected_boxes, contiguous=True)
     if with_maxbox:
         mb = MaxBoxAccEvaluator.merge([s["maxbox"] for s in states])
         metrics.update({f"cam_{k}": v for k, v in mb.compute().items() if isinstance(v, (int, float))})
@@ -282,27 +312,6 @@ def _merge_and_compute(states, cfg: Config, with_maxbox: bool, viz, out_dir, exp
     if out_dir is not None:
         write_outputs(merged, metrics, viz, Path(out_dir), cfg, split_dir)
     return metrics
-
-
-def check_exactly_once(indices: np.ndarray, expected_total: int, show: int = 10) -> None:
-    """Raise ValueError unless the merged global indices are exactly ``0 .. expected_total - 1``.
-
-    The message names both counts and the first ``show`` missing (or unexpected) indices, so a
-    sample lost on the way (a corrupt image skipped by ``data.on_corrupt=skip``, a shard the
-    loader did not read) can be traced to its shard through the split's manifest.
-    """
-    indices = np.unique(np.asarray(indices, np.int64))
-    if len(indices) == expected_total and (expected_total == 0 or (indices[0] == 0 and indices[-1] == expected_total - 1)):
-        return
-    missing = np.setdiff1d(np.arange(expected_total, dtype=np.int64), indices)
-    extra = indices[(indices < 0) | (indices >= expected_total)]
-    parts = [f"merged evaluation holds {len(indices)} distinct images but the manifest total is {expected_total}"]
-    if len(missing):
-        parts.append(f"{len(missing)} missing, first indices {missing[:show].tolist()}")
-    if len(extra):
-        parts.append(f"{len(extra)} outside 0..{expected_total - 1}, first {extra[:show].tolist()}")
-    raise ValueError("; ".join(parts) + " (a skipped corrupt sample is named with its shard in the reader's "
-                     "warnings; data.on_corrupt=fail stops at it instead)")
 
 
 def write_outputs(merged, metrics: dict[str, Any], viz: dict[str, list], out_dir: Path, cfg: Config,

@@ -19,11 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from cstn.metrics.localization import SIZE_GROUPS  # noqa: E402
+
 GT_COLOUR = "#1a9641"
 REF_COLOUR = "#2b83ba"
 PRED_COLOUR = "#d7191c"
 COUNT_COLOUR = "#bdbdbd"
-SIZE_GROUPS = ("small", "middle", "large")
+
 
 
 def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:

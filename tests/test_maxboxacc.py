@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cstn import metrics as M
+from cstn.metrics import component_tree
+from cstn.metrics import maxboxacc as M
 from cstn.metrics import (MaxBoxAccEvaluator, cam_boxes, choose_cam_threshold, normalize_scoremap,
                           prepare_scoremaps, wsol_resize_boxes)
 
@@ -158,8 +159,8 @@ def test_fast_paths_equal_the_per_threshold_loop_on_smooth_and_noisy_maps():
         assert np.array_equal(multi, bench.reference_best_ious(score_map, gt, thresholds))
         assert np.array_equal(single, bench.reference_best_ious(score_map, gt, thresholds, largest=True))
     # the batched entry point agrees with the one-map one, and float32 maps with their float64 upcast
-    got = M.scoremap_best_ious_all_contours(maps.astype(np.float32), boxes, thresholds)
-    want = np.stack([M.scoremap_best_ious_all_contours(m.astype(np.float32).astype(np.float64), g, thresholds)
+    got = component_tree.scoremap_best_ious_all_contours(maps.astype(np.float32), boxes, thresholds)
+    want = np.stack([component_tree.scoremap_best_ious_all_contours(m.astype(np.float32).astype(np.float64), g, thresholds)
                      for m, g in zip(maps, boxes)])
     assert np.array_equal(got, want)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from cstn.metrics import LocalizationEvaluator, best_iou_against_gt, iou_suffix
+from cstn.metrics import BoxPredictions, LocalizationEvaluator, best_iou_against_gt, iou_suffix
 
 # Three images whose every figure is worked out by hand (IoU on continuous xyxy, x1 exclusive).
 #
@@ -63,7 +63,7 @@ EXPECTED = {
 
 def test_hand_computed_figures():
     ev = LocalizationEvaluator(iou_thresholds=(0.3, 0.5, 0.7))
-    ev.accumulate(**hand_batch())
+    ev.accumulate(BoxPredictions(**hand_batch()))
     m = ev.compute(expected_total=3, expected_boxes=4)
     for key, value in EXPECTED.items():
         assert m[key] == pytest.approx(value), key
@@ -85,7 +85,7 @@ def test_iou_exactly_at_the_threshold_counts_as_correct():
 def _one_image_flags(top1, gt):
     ev = LocalizationEvaluator()
     box = np.array([top1], float)
-    ev.accumulate([0], [1], [[1]], box, box, box[:, None], [np.array(gt, float)])
+    ev.accumulate(BoxPredictions([0], [1], [[1]], box, box, box[:, None], [np.array(gt, float)]))
     return {k: bool(v[0]) for k, v in ev.correct_flags().items()}
 
 
@@ -95,7 +95,7 @@ def test_key_names_follow_the_thresholds_and_k():
     b["topk_classes"] = b["topk_classes"][:, :3]
     b["topk_scores"] = b["topk_scores"][:, :3]
     b["gt_known_topk_boxes"] = b["gt_known_topk_boxes"][:, :2]
-    ev.accumulate(**b)
+    ev.accumulate(BoxPredictions(**b))
     m = ev.compute()
     assert iou_suffix(0.25) == "_iou25"
     assert "top3_cls" in m and "gt_known_top2_loc_iou25" in m and "gt_known_top2_loc" in m
@@ -105,21 +105,21 @@ def test_key_names_follow_the_thresholds_and_k():
 def test_duplicates_from_padding_are_kept_once():
     b = hand_batch()
     ev = LocalizationEvaluator()
-    ev.accumulate(**b)
-    ev.accumulate(**_rows(b, [2, 0]))  # the loader padded its last batch with images 12 and 10
+    ev.accumulate(BoxPredictions(**b))
+    ev.accumulate(BoxPredictions(**_rows(b, [2, 0])))  # the loader padded its last batch with images 12 and 10
     assert len(ev) == 3
     single = LocalizationEvaluator()
-    single.accumulate(**b)
+    single.accumulate(BoxPredictions(**b))
     assert ev.compute(expected_total=3) == single.compute(expected_total=3)
 
 
 def test_conflicting_duplicate_is_an_error_naming_the_index():
     b = hand_batch()
     ev = LocalizationEvaluator()
-    ev.accumulate(**b)
+    ev.accumulate(BoxPredictions(**b))
     other = _rows(b, [1])
     other["top1_box"] = np.array([[1, 0, 10, 10]], float)
-    ev.accumulate(**other)
+    ev.accumulate(BoxPredictions(**other))
     with pytest.raises(ValueError, match=r"global index 11 \(key img_b\) was evaluated twice"):
         ev.compute()
 
@@ -127,10 +127,10 @@ def test_conflicting_duplicate_is_an_error_naming_the_index():
 def test_merge_of_rank_states_equals_one_process():
     b = hand_batch()
     single = LocalizationEvaluator()
-    single.accumulate(**b)
+    single.accumulate(BoxPredictions(**b))
     rank0, rank1 = LocalizationEvaluator(), LocalizationEvaluator()
-    rank0.accumulate(**_rows(b, [0, 2]))
-    rank1.accumulate(**_rows(b, [1, 2]))  # 12 again: padding on the other rank
+    rank0.accumulate(BoxPredictions(**_rows(b, [0, 2])))
+    rank1.accumulate(BoxPredictions(**_rows(b, [1, 2])))  # 12 again: padding on the other rank
     states = [pickle.loads(pickle.dumps(r.state())) for r in (rank1, rank0)]
     merged = LocalizationEvaluator.merge(states)
     assert merged.compute(expected_total=3) == single.compute(expected_total=3)
@@ -138,14 +138,14 @@ def test_merge_of_rank_states_equals_one_process():
     rank1_conflict = LocalizationEvaluator()
     conflict = _rows(b, [2])
     conflict["labels"] = np.array([6])
-    rank1_conflict.accumulate(**conflict)
+    rank1_conflict.accumulate(BoxPredictions(**conflict))
     with pytest.raises(ValueError, match="global index 12"):
         LocalizationEvaluator.merge([rank0.state(), rank1_conflict.state()])
 
 
 def test_count_mismatch_names_both_numbers():
     ev = LocalizationEvaluator()
-    ev.accumulate(**hand_batch())
+    ev.accumulate(BoxPredictions(**hand_batch()))
     with pytest.raises(ValueError, match=r"holds 3 distinct images but the manifest total is 50000"):
         ev.compute(expected_total=50000)
     with pytest.raises(ValueError, match=r"holds 4 ground-truth boxes but 80477 were expected"):
@@ -155,11 +155,11 @@ def test_count_mismatch_names_both_numbers():
 def test_torch_tensors_give_the_numpy_result():
     b = hand_batch()
     ev_np = LocalizationEvaluator()
-    ev_np.accumulate(**b)
+    ev_np.accumulate(BoxPredictions(**b))
     tb = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in b.items()}
     tb["gt_boxes"] = [torch.as_tensor(g, dtype=torch.float32) for g in b["gt_boxes"]]
     ev_t = LocalizationEvaluator()
-    ev_t.accumulate(**tb)
+    ev_t.accumulate(BoxPredictions(**tb))
     assert ev_t.compute() == ev_np.compute()
 
 
@@ -171,8 +171,8 @@ def test_size_thirds_by_the_largest_box_relative_area():
     good = {1, 3}  # the two smallest are localized, nothing else
     top1 = np.array([gts[i][0] if i in good else [90, 90, 100, 100] for i in range(6)], float)
     ev = LocalizationEvaluator()
-    ev.accumulate(np.arange(6), np.zeros(6, int), np.zeros((6, 1), int), top1, top1, top1[:, None], gts,
-                  sizes=np.full((6, 2), 100))
+    ev.accumulate(BoxPredictions(np.arange(6), np.zeros(6, int), np.zeros((6, 1), int), top1, top1, top1[:, None], gts,
+                  sizes=np.full((6, 2), 100)))
     m = ev.compute()
     assert (m["num_small"], m["num_middle"], m["num_large"]) == (2, 2, 2)
     assert m["top1_loc_small"] == 100 and m["top1_loc_middle"] == 0 and m["top1_loc_large"] == 0
@@ -181,7 +181,7 @@ def test_size_thirds_by_the_largest_box_relative_area():
     assert m["area_is_relative"] == 1.0
     # without sizes the areas are in pixels
     ev = LocalizationEvaluator()
-    ev.accumulate(np.arange(6), np.zeros(6, int), np.zeros((6, 1), int), top1, top1, top1[:, None], gts)
+    ev.accumulate(BoxPredictions(np.arange(6), np.zeros(6, int), np.zeros((6, 1), int), top1, top1, top1[:, None], gts))
     m = ev.compute()
     assert m["area_is_relative"] == 0.0 and m["area_small_max"] == 400 and m["area_middle_max"] == 1600
 
@@ -190,8 +190,8 @@ def test_size_thirds_split_unequal_counts_deterministically():
     ev = LocalizationEvaluator()
     n = 7
     boxes = np.array([[0, 0, 5, 5]] * n, float)  # all the same area: ties broken by index
-    ev.accumulate(np.arange(n)[::-1], np.zeros(n, int), np.zeros((n, 1), int), boxes, boxes, boxes[:, None],
-                  [b[None] for b in boxes])
+    ev.accumulate(BoxPredictions(np.arange(n)[::-1], np.zeros(n, int), np.zeros((n, 1), int), boxes, boxes, boxes[:, None],
+                  [b[None] for b in boxes]))
     groups, _ = ev.size_groups()
     index = ev.table()["index"]
     assert index[groups["small"]].tolist() == [0, 1, 2]
@@ -206,9 +206,9 @@ def test_area_histogram_rows_by_hand():
     ref = np.array([[0, 0, s, s] for s in sides], float)  # the reference box is always exact
     labels = np.array([0, 0, 0, 0, 0, 1])  # the last image has the wrong class
     ev = LocalizationEvaluator(hist_bins=5)
-    ev.accumulate(np.arange(6), labels, np.zeros((6, 1), int), top1, top1, top1[:, None], gts,
+    ev.accumulate(BoxPredictions(np.arange(6), labels, np.zeros((6, 1), int), top1, top1, top1[:, None], gts,
                   top1_ref_box=ref, gt_known_ref_box=ref, sizes=np.full((6, 2), 100), levels=[4, 4, 5, 5, 4, 5],
-                  gt_known_levels=[4, 4, 4, 4, 4, 4])
+                  gt_known_levels=[4, 4, 4, 4, 4, 4]))
     rows = ev.area_histogram()
     overall = [r for r in rows if r["level"] == "all"]
     # edges linspace(.01, .36, 6): .01 .08 .15 .22 .29 .36 -> bins 0,0,1,2,3,4 (last bin closed)
@@ -232,8 +232,8 @@ def test_area_histogram_rows_by_hand():
 def test_predictions_file_jsonl_and_csv(tmp_path):
     ev = LocalizationEvaluator()
     b = hand_batch()
-    ev.accumulate(**_rows(b, [2, 1]))
-    ev.accumulate(**_rows(b, [0]))
+    ev.accumulate(BoxPredictions(**_rows(b, [2, 1])))
+    ev.accumulate(BoxPredictions(**_rows(b, [0])))
     rows = [json.loads(line) for line in ev.write_predictions(tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [10, 11, 12]
     first = rows[0]
@@ -256,22 +256,22 @@ def test_bad_input_is_named():
     b = hand_batch()
     b["gt_boxes"] = [GT[0], np.zeros((0, 4)), GT[2]]
     with pytest.raises(ValueError, match=r"image index 11 \(key img_b\) has no ground-truth box"):
-        LocalizationEvaluator().accumulate(**b)
+        LocalizationEvaluator().accumulate(BoxPredictions(**b))
     b = hand_batch()
     b["top1_box"] = b["top1_box"][:2]
     with pytest.raises(ValueError, match=r"top1_box has shape \(2, 4\); expected \(3, 4\)"):
-        LocalizationEvaluator().accumulate(**b)
+        LocalizationEvaluator().accumulate(BoxPredictions(**b))
     ev = LocalizationEvaluator()
-    ev.accumulate(**_rows(hand_batch(), [0]))
+    ev.accumulate(BoxPredictions(**_rows(hand_batch(), [0])))
     part = _rows(hand_batch(), [1])
     part["top1_ref_box"] = None
-    ev.accumulate(**part)
+    ev.accumulate(BoxPredictions(**part))
     with pytest.raises(ValueError, match="top1_ref_box was given for only 1 of 2 images"):
         ev.compute()
     with pytest.raises(ValueError, match="no image was accumulated"):
         LocalizationEvaluator().compute()
     with pytest.raises(ValueError, match="topk=2"):
-        LocalizationEvaluator(topk=2).accumulate(**hand_batch())
+        LocalizationEvaluator(topk=2).accumulate(BoxPredictions(**hand_batch()))
 
 
 def test_best_iou_is_torchvision_box_iou_against_the_own_image_only():
@@ -303,3 +303,19 @@ def _rows(batch, positions):
         else:
             out[k] = np.asarray(v)[positions]
     return out
+
+
+def test_contiguous_count_check_lists_missing_and_outside_indices():
+    """Three images with indices 0, 1, 3 of a 3-image split: the count matches, the set does not."""
+    b = hand_batch()
+    b["indices"] = np.array([0, 1, 3])
+    ev = LocalizationEvaluator()
+    ev.accumulate(BoxPredictions(**b))
+    assert ev.compute(expected_total=3)["num_images"] == 3.0  # the count alone is met
+    with pytest.raises(ValueError, match=r"holds 3 distinct images but the manifest total is 3; 1 missing, "
+                                         r"first indices \[2\]; 1 outside 0\.\.2, first \[3\]"):
+        ev.compute(expected_total=3, contiguous=True)
+    b["indices"] = np.array([0, 1, 2])
+    ev = LocalizationEvaluator()
+    ev.accumulate(BoxPredictions(**b))
+    assert ev.compute(expected_total=3, contiguous=True)["num_images"] == 3.0

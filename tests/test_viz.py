@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cstn import viz
-from cstn.metrics import LocalizationEvaluator
+from cstn.metrics import BoxPredictions, LocalizationEvaluator
 from pipeline.sources.synthetic import SyntheticSpec, render
 
 
@@ -23,8 +23,8 @@ def _histogram_rows():
     top1 = np.array([[0, 0, 20, 20]] * 6, float)
     ref = np.array([[0, 0, s, s] for s in sides], float)
     ev = LocalizationEvaluator(hist_bins=4)
-    ev.accumulate(np.arange(6), np.zeros(6, int), np.zeros((6, 1), int), top1, top1, top1[:, None], gts,
-                  top1_ref_box=ref, gt_known_ref_box=ref, sizes=np.full((6, 2), 100), levels=[4, 5, 4, 5, 4, 5])
+    ev.accumulate(BoxPredictions(np.arange(6), np.zeros(6, int), np.zeros((6, 1), int), top1, top1, top1[:, None], gts,
+                  top1_ref_box=ref, gt_known_ref_box=ref, sizes=np.full((6, 2), 100), levels=[4, 5, 4, 5, 4, 5]))
     return ev
 
 
