@@ -10,7 +10,7 @@ CPU-only machine never gets there.
 Per sample: the reader returns the ``jpg`` bytes and the binary twins ``lab`` (int32), ``gid``
 (int64), ``wh`` (int32 x 2) and ``box`` (float32 x 4n) of :mod:`pipeline.schema` typed by the
 reader's ``dtypes``. Images are resized (aspect-changing) to ``S x S`` with bilinear interpolation;
-antialiased only where a side shrinks by more than :data:`pipeline.loader.ANTIALIAS_ABOVE` (a
+antialiased only where a side shrinks by more than :data:`pipeline.request.ANTIALIAS_ABOVE` (a
 per-sample DALI conditional on the crop's size; measured here on 500x375 JPEGs to 320: 504 img/s
 antialiased everywhere vs 718 img/s with this rule, DALI CPU, 2 threads), then mirrored (training,
 ``fn.random.coin_flip``) and transposed to CHW by ``crop_mirror_normalize`` with uint8 output.
@@ -19,7 +19,7 @@ in coordinates normalised by the original size, and zero-padded per batch by ``f
 stay in original pixels (the :class:`~pipeline.batch.Batch` contract).
 
 Sharding: ``shard_id = rank``, ``num_shards = world_size`` (contiguous sample ranges, the rule of
-:func:`pipeline.loader.rank_range`).
+:func:`pipeline.request.rank_range`).
 
 * Evaluation: ``random_shuffle=False``, ``stick_to_shard=True``, ``pad_last_batch=True`` and an
   iterator with ``reader_name`` and ``LastBatchPolicy.PARTIAL``: each sample exactly once, the
@@ -31,7 +31,7 @@ Sharding: ``shard_id = rank``, ``num_shards = world_size`` (contiguous sample ra
   by a sample. DALI's shuffle is seeded once (``cfg.train.seed`` and the rank) and continues
   across epochs; :meth:`DaliLoader.set_epoch` only records the epoch.
 * A corrupt JPEG stops the pipeline with DALI's decoder error, re-raised as
-  :class:`~pipeline.loader.CorruptSampleError` naming this rank's shards; DALI cannot skip a sample,
+  :class:`~pipeline.request.CorruptSampleError` naming this rank's shards; DALI cannot skip a sample,
   so ``data.on_corrupt == "skip"`` is refused for this backend (``auto`` picks torch then).
 """
 

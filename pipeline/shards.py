@@ -50,7 +50,8 @@ Parallel writing
     earlier input was skipped, or re-encoded to another size under ``shard_size_mb``) is dropped and
     redone from the right place, with everything started after it (``ConversionResult.redone``).
     The output is therefore the same bytes whatever the number of workers; bad inputs only cost
-    some rewriting. Workers are forked when the calling process has a single thread, else spawned.
+    some rewriting. The worker processes are :mod:`pipeline.shard_pool`'s (forked when the calling
+    process has a single thread, else spawned).
 
 Boxes
     Clipped to ``[0, width] x [0, height]`` (counted as ``boxes_clipped`` when a coordinate moved);
@@ -78,12 +79,14 @@ Manifest (``manifest.json``)
 
 Readers use :func:`pipeline.manifest.load_manifest`, which checks that the manifest is complete and every listed
 shard and index exists.
+
+About 540 lines, a fifth of them this description of the output format; the converter's work is
+one class (:class:`_Converter`: guess, start, commit in order, redo, resume), read in one place.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -97,7 +100,8 @@ import numpy as np
 
 from .dali_index import write_dali_index
 from .manifest import FORMAT, MANIFEST, sha256_file, write_json
-from .shard_worker import VERIFY_MODES, InputRef, ShardingError, ShardJob, write_shard
+from .shard_pool import ShardWorkers
+from .shard_worker import VERIFY_MODES, InputRef, ShardingError, ShardJob
 from .sources.base import SourceError, SourceListing
 
 __all__ = ["ShardOptions", "ShardingError", "ConversionResult", "list_source", "convert", "DEFAULT_SHARD_SIZE_MB",
@@ -150,90 +154,6 @@ class ShardOptions:
         """The options that decide the bytes of the shards (compared on resume)."""
         return {"samples_per_shard": self.samples_per_shard, "shard_size_mb": self.shard_size_mb,
                 "seed": self.seed, "reencode_quality": self.reencode_quality, "verify": self.verify}
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker processes
-# ---------------------------------------------------------------------------------------------
-
-def _single_threaded() -> bool:
-    """True when this process runs one OS thread (Linux), i.e. ``fork`` cannot copy a lock held elsewhere."""
-    try:
-        return "fork" in mp.get_all_start_methods() and len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
-
-
-class _Finished:
-    """A result computed on the spot, with the part of the ``Future`` interface the converter uses."""
-
-    def __init__(self, fn, *args):
-        self._value = fn(*args)
-
-    def result(self):
-        return self._value
-
-    def cancel(self) -> bool:
-        return False
-
-
-class _Workers:
-    """Runs :func:`~pipeline.shard_worker.write_shard` in worker processes (or inline with ``workers=0``).
-
-    The processes are started at once, so that they come up while the caller fingerprints the
-    source: forked when the calling process has a single OS thread (``/proc/self/task``: cheap, and
-    safe since no other thread can hold a lock), else started with ``spawn`` (nothing inherited from a
-    process that may run DALI, torch or tqdm threads).
-    """
-
-    def __init__(self, workers: int):
-        self.pool = None
-        self.start_method = None
-        if workers:
-            from concurrent.futures import ProcessPoolExecutor
-            self.start_method = "fork" if _single_threaded() else "spawn"
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(self.start_method))
-            for _ in range(workers):  # start them now (spawn starts one process per submitted task)
-                self.pool.submit(os.getpid)
-
-    def submit(self, job: ShardJob):
-        """Start writing ``job``; ``.result()`` of the returned future is that of ``write_shard``."""
-        if self.pool is None:
-            return _Finished(write_shard, job)
-        return self.pool.submit(write_shard, job)
-
-    def result(self, future) -> dict[str, Any]:
-        from concurrent.futures.process import BrokenProcessPool
-        try:
-            return future.result()
-        except BrokenProcessPool as e:
-            raise ShardingError(f"a worker process died ({e}); rerun with --workers 0 to write the shards in "
-                                f"the main process") from e
-
-    def discard(self, job: ShardJob, future) -> None:
-        """Drop a job started on a wrong guess: cancel or wait for it, then delete what it wrote."""
-        if not future.cancel():
-            try:
-                future.result()
-            except Exception:  # its error does not count: the shard is redone from the right place
-                pass
-        for p in (job.tar_tmp, job.idx_tmp):
-            p.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,101 +374,26 @@ class _Converter:
         self.save(complete=False)
 
     def run(self) -> ConversionResult:
+        """Convert: keep or redo an earlier run's shards, write the new ones, then the manifest."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        n = len(self.ordered)
-        opts = self.options
-        workers = _Workers(opts.workers)  # before anything else: the processes start meanwhile
+        workers = ShardWorkers(self.options.workers)  # before anything else: the processes start meanwhile
         self.result.start_method = workers.start_method
-        ahead = opts.workers + 1 if opts.workers else 1  # shards in flight
-        in_flight: deque[tuple[ShardJob, Any, dict[str, Any] | None]] = deque()
+        self.in_flight: deque[tuple[ShardJob, Any, dict[str, Any] | None]] = deque()
         try:
             self.fingerprint = self.listing.fingerprint()
             previous = self.previous_records()
-            todo = n
-            kept_flags = []
-            for rec in previous:  # verify before counting work, so the bar's total is right
-                kept_flags.append(self.keep_if_intact(rec))
-                if kept_flags[-1]:
-                    todo -= rec["inputs"][1] - rec["inputs"][0]
-            if opts.progress:  # (even a disabled tqdm starts its monitor thread, which rules out fork later)
-                from tqdm import tqdm
-                self.bar = tqdm(total=todo, unit="img", desc=f"{self.listing.dataset}/{self.split}",
-                                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+            kept = [self.keep_if_intact(rec) for rec in previous]  # before counting work: the bar's total
+            self.open_bar(len(self.ordered) - sum(rec["inputs"][1] - rec["inputs"][0]
+                                                  for rec, keep in zip(previous, kept) if keep))
             t_write = time.time()
-
-            # 1. the shards of an earlier run: keep the intact ones, redo the others from their recorded range
-            def commit_redone(limit: int) -> None:
-                while len(in_flight) > limit:
-                    job, future, rec = in_flight.popleft()
-                    written = workers.result(future)
-                    if written["count"] != rec["count"]:
-                        raise ShardingError(
-                            f"{self.dir / rec['name']}: rewriting it gave {written['count']} samples where the "
-                            f"manifest lists {rec['count']}; the source changed without changing its "
-                            f"fingerprint. Delete {self.dir} and convert again.")
-                    self.commit(job, written)
-
-            pos, next_index = 0, 0
-            for number, (rec, keep) in enumerate(zip(previous, kept_flags)):
-                if keep:
-                    commit_redone(0)
-                    self.records.append(rec)
-                    self.result.kept.append(rec["name"])
-                    self.save(complete=False)
-                else:  # same inputs and options give the same bytes
-                    job = self.job(number, rec["inputs"][0], next_index, rec["inputs"][1], bounded=True)
-                    in_flight.append((job, workers.submit(job), rec))
-                    commit_redone(ahead)
-                next_index += rec["count"]
-                pos = rec["inputs"][1]
-            commit_redone(0)
-
-            # 2. new shards, started ahead on guessed boundaries and committed in order
-            number, guess_pos, guess_index, extra = len(self.records), pos, next_index, 0
-            while True:
-                while len(in_flight) < ahead and guess_pos < n:
-                    end, count = self.guess(guess_pos)
-                    slack = max(16, (end - guess_pos) // 8) + extra  # room for inputs that turn out bad
-                    job = self.job(number + len(in_flight), guess_pos, guess_index, min(n, end + slack), bounded=False)
-                    in_flight.append((job, workers.submit(job), None))
-                    guess_pos, guess_index, extra = end, guess_index + count, 0
-                if not in_flight:
-                    break
-                job, future, _ = in_flight.popleft()
-                written = None
-                if (job.start, job.first_index) == (pos, next_index):
-                    written = workers.result(future)
-                    if written["needs_more"]:  # more skipped inputs than the slack: retry with more
-                        extra = 2 * len(job.items)
-                        written = None
-                else:
-                    workers.discard(job, future)
-                if written is None:  # a wrong guess: everything started after it is wrong too
-                    self.result.redone += 1 + len(in_flight)
-                    while in_flight:
-                        workers.discard(*in_flight.popleft()[:2])
-                    guess_pos, guess_index = pos, next_index
-                    continue
-                if written["count"]:
-                    self.commit(job, written)
-                    number += 1
-                elif not self.records:  # only skipped inputs, and none before them
-                    raise ShardingError(f"no usable image among the {n} inputs of {self.listing.root} "
-                                        f"({self.split}); first reason: {written['skipped'][0]['reason']}")
-                else:  # only skipped inputs were left: they belong to the last shard
-                    last = self.records[-1]
-                    last["inputs"][1] = written["end"]
-                    last["skipped"].extend(written["skipped"])
-                    last["input_bytes"] += written["input_bytes"]
-                    self.progress(written["end"] - job.start, written["input_bytes"])
-                    self.save(complete=False)
-                pos, next_index = written["end"], next_index + written["count"]
+            pos, next_index = self.redo_previous(workers, previous, kept)
+            self.write_new(workers, pos, next_index)
             if not self.records:
                 raise ShardingError(f"{self.listing.root}: split {self.split!r} has no inputs")
             self.result.write_seconds = time.time() - t_write
         except BaseException as exc:
             workers.close()
-            for job, _, _ in in_flight:  # started but not committed: nothing may look complete
+            for job, _, _ in self.in_flight:  # started but not committed: nothing may look complete
                 for p in (job.tar_tmp, job.idx_tmp):
                     p.unlink(missing_ok=True)
             if _disk_full(exc):  # nothing half-written may stay on a full disk (a crash's leftovers are the rerun's)
@@ -559,6 +404,97 @@ class _Converter:
             workers.close()
             if self.bar is not None:
                 self.bar.close()
+        return self.finish()
+
+    @property
+    def ahead(self) -> int:
+        """How many shards are in flight at once."""
+        return self.options.workers + 1 if self.options.workers else 1
+
+    def open_bar(self, todo: int) -> None:
+        if self.options.progress:  # (even a disabled tqdm starts its monitor thread, which rules out fork later)
+            from tqdm import tqdm
+            self.bar = tqdm(total=todo, unit="img", desc=f"{self.listing.dataset}/{self.split}",
+                            file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+    def redo_previous(self, workers: ShardWorkers, previous: list[dict[str, Any]], kept: list[bool]) -> tuple[int, int]:
+        """The shards of an earlier run: keep the intact ones, rewrite the others from their recorded
+        input range (same inputs and options give the same bytes). Returns where new shards start:
+        (input position, global index)."""
+        def commit_until(limit: int) -> None:
+            while len(self.in_flight) > limit:
+                job, future, rec = self.in_flight.popleft()
+                written = workers.result(future)
+                if written["count"] != rec["count"]:
+                    raise ShardingError(
+                        f"{self.dir / rec['name']}: rewriting it gave {written['count']} samples where the "
+                        f"manifest lists {rec['count']}; the source changed without changing its "
+                        f"fingerprint. Delete {self.dir} and convert again.")
+                self.commit(job, written)
+
+        pos, next_index = 0, 0
+        for number, (rec, keep) in enumerate(zip(previous, kept)):
+            if keep:
+                commit_until(0)
+                self.records.append(rec)
+                self.result.kept.append(rec["name"])
+                self.save(complete=False)
+            else:
+                job = self.job(number, rec["inputs"][0], next_index, rec["inputs"][1], bounded=True)
+                self.in_flight.append((job, workers.submit(job), rec))
+                commit_until(self.ahead)
+            next_index += rec["count"]
+            pos = rec["inputs"][1]
+        commit_until(0)
+        return pos, next_index
+
+    def write_new(self, workers: ShardWorkers, pos: int, next_index: int) -> None:
+        """New shards from input ``pos`` on, started ahead on guessed boundaries and committed in
+        order; a wrong guess drops it and everything started after it, and restarts from ``pos``."""
+        n = len(self.ordered)
+        number, guess_pos, guess_index, extra = len(self.records), pos, next_index, 0
+        while True:
+            while len(self.in_flight) < self.ahead and guess_pos < n:
+                end, count = self.guess(guess_pos)
+                slack = max(16, (end - guess_pos) // 8) + extra  # room for inputs that turn out bad
+                job = self.job(number + len(self.in_flight), guess_pos, guess_index, min(n, end + slack),
+                               bounded=False)
+                self.in_flight.append((job, workers.submit(job), None))
+                guess_pos, guess_index, extra = end, guess_index + count, 0
+            if not self.in_flight:
+                return
+            job, future, _ = self.in_flight.popleft()
+            written = None
+            if (job.start, job.first_index) == (pos, next_index):
+                written = workers.result(future)
+                if written["needs_more"]:  # more skipped inputs than the slack: retry with more
+                    extra = 2 * len(job.items)
+                    written = None
+            else:
+                workers.discard(job, future)
+            if written is None:  # a wrong guess: everything started after it is wrong too
+                self.result.redone += 1 + len(self.in_flight)
+                while self.in_flight:
+                    workers.discard(*self.in_flight.popleft()[:2])
+                guess_pos, guess_index = pos, next_index
+                continue
+            if written["count"]:
+                self.commit(job, written)
+                number += 1
+            elif not self.records:  # only skipped inputs, and none before them
+                raise ShardingError(f"no usable image among the {n} inputs of {self.listing.root} "
+                                    f"({self.split}); first reason: {written['skipped'][0]['reason']}")
+            else:  # only skipped inputs were left: they belong to the last shard
+                last = self.records[-1]
+                last["inputs"][1] = written["end"]
+                last["skipped"].extend(written["skipped"])
+                last["input_bytes"] += written["input_bytes"]
+                self.progress(written["end"] - job.start, written["input_bytes"])
+                self.save(complete=False)
+            pos, next_index = written["end"], next_index + written["count"]
+
+    def finish(self) -> ConversionResult:
+        """Check that every input landed or was listed, remove stale files, write the complete manifest."""
         manifest = self.manifest(complete=True)
         counts = manifest["counts"]
         if counts["inputs"] != manifest["total"] + counts["skipped"]:  # every input in a shard or skipped
@@ -610,11 +546,3 @@ def convert(listing: SourceListing, out_dir: str | Path, options: ShardOptions |
     :class:`ShardingError` (``strict`` and a bad input, or nothing usable).
     """
     return _Converter(listing, Path(out_dir), options or ShardOptions()).run()
-
-
-# ---------------------------------------------------------------------------------------------
-# Reader side
-# ---------------------------------------------------------------------------------------------
-
-
-

@@ -14,7 +14,7 @@ Why the index and not ``tarfile``: on ILSVRC-sized JPEGs Python's ``tarfile`` pa
 the ``__key__`` rule are WebDataset's; the shuffle buffer is ``webdataset.filters.shuffle``.
 
 Resize (aspect-changing, to ``S x S``): bilinear (``cv2.INTER_LINEAR``, not antialiased) when no
-side shrinks by more than :data:`pipeline.loader.ANTIALIAS_ABOVE` (2x), as on typical ILSVRC / CUB
+side shrinks by more than :data:`pipeline.request.ANTIALIAS_ABOVE` (2x), as on typical ILSVRC / CUB
 images at 320 px; above that ``cv2.INTER_AREA`` (an exact box filter). Measured on one core for
 a 1000x750 JPEG to 320 (decode included; mean error against a float box filter): full decode +
 bilinear 3.4 ms, 1.7 grey levels (aliased); + ``INTER_AREA`` 5.2 ms, 0.24; libjpeg-turbo's
@@ -22,7 +22,7 @@ scaled IDCT to >= 320 + bilinear 2.6 ms, 0.9. Where both sides are >= 4 x S the 
 decoded at a reduced scale (IDCT by >= 2x, keeping >= 2 x S), then ``INTER_AREA``: 2000x1500
 to 320 in 9.8 ms instead of 16.4 ms, error 0.36.
 
-Splitting (same rule as DALI, see :func:`pipeline.loader.rank_range`): the split's samples in
+Splitting (same rule as DALI, see :func:`pipeline.request.rank_range`): the split's samples in
 shard order are cut into contiguous per-rank ranges; a rank's range is cut at batch boundaries
 into contiguous per-worker ranges, so every worker reads whole, sequential stretches of tar.
 
@@ -41,6 +41,9 @@ into contiguous per-worker ranges, so every worker reads whole, sequential stret
   in :attr:`TorchLoader.skipped`, and (training) replaced by re-reading the worker's stretch so the
   step count stays equal on every rank. Recoverable libjpeg warnings are tolerated, as PIL and DALI
   tolerate them (a few ILSVRC files carry extraneous bytes).
+
+About 430 lines, a tenth of them this description: decode-and-crop, the per-worker dataset and the
+loader are this backend's one role, and the dataset's range, shuffle and skip rules read best together.
 """
 
 from __future__ import annotations

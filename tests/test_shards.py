@@ -398,7 +398,7 @@ def test_shards_started_on_wrong_guesses_are_redone_and_match_a_sequential_run(t
 
 
 def test_workers_are_forked_only_from_a_single_threaded_process():
-    code = ("import threading; from pipeline.shards import _single_threaded as single; before = single(); "
+    code = ("import threading; from pipeline.shard_pool import _single_threaded as single; before = single(); "
             "threading.Thread(target=threading.Event().wait, args=(5,), daemon=True).start(); print(before, single())")
     done = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["True", "False"], done.stderr

@@ -1,4 +1,4 @@
-"""ILSVRC-2012 (ImageNet-1k) in its real on-disk layout, and fixtures in that layout.
+"""ILSVRC-2012 (ImageNet-1k) in its real on-disk layout (the test fixtures are in :mod:`.ilsvrc_fixture`).
 
 Layout read (``--root``, e.g. the Kaggle ``ILSVRC/Data/CLS-LOC`` folder)::
 
