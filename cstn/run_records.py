@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,17 @@ def is_model_uri(text: str) -> bool:
     return str(text).startswith(MODEL_SCHEMES)
 
 
+def resolve_tracking_uri(configured: str, out_dir: str | Path) -> str:
+    """Where a run's records live: ``log.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite
+    store ``<out_dir>/mlflow.db``."""
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env:
+        return env
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
 def download_model(uri: str, tracking_uri: str) -> Path:
     """Download a model logged by :meth:`MlflowTracker.log_model` and return the directory holding
     its ``weights.pt`` and ``config.yaml`` (nothing is unpickled here). Raises FileNotFoundError naming
@@ -94,7 +106,6 @@ def load_logged_model(model, cfg, uri: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from cstn import checkpoint
-    from cstn.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(cfg.log.tracking_uri, cfg.train.out_dir)
     meta = checkpoint.load_exported(model, cfg, download_model(uri, tracking_uri), uri)

@@ -51,6 +51,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cstn.run_records import resolve_tracking_uri
+
 PENDING_FILE = "mlflow_pending.jsonl"
 _PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
 _BATCH = 900  # metrics per log_batch call (MLflow accepts 1,000)
@@ -93,15 +95,6 @@ class Tracker:
         pass
 
 
-def resolve_tracking_uri(configured: str, out_dir: str | Path) -> str:
-    if configured:
-        return configured
-    env = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if env:
-        return env
-    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
-
-
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Raise :class:`TrackingUnavailable` when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -121,7 +114,7 @@ class MlflowTracker(Tracker):
     """Rank 0's tracker. Metrics are queued and sent in batches by a background thread.
 
     Args:
-        tracking_uri: resolved URI (see :func:`resolve_tracking_uri`).
+        tracking_uri: resolved URI (see :func:`cstn.run_records.resolve_tracking_uri`).
         experiment: experiment name (created when missing).
         run_name: name of a new run.
         out_dir: the run directory (artifact root of a local store, pending spool).

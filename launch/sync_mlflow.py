@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from cstn.config import load_config
-from cstn.tracking import PENDING_FILE, TrackingUnavailable, check_reachable, resolve_tracking_uri
+from cstn.run_records import resolve_tracking_uri
+from cstn.tracking import PENDING_FILE, TrackingUnavailable, check_reachable
 
 
 def main(argv=None) -> int:

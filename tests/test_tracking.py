@@ -4,7 +4,8 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cstn.tracking import PENDING_FILE, MlflowTracker, Tracker, TrackingUnavailable, resolve_tracking_uri
+from cstn.run_records import resolve_tracking_uri
+from cstn.tracking import PENDING_FILE, MlflowTracker, Tracker, TrackingUnavailable
 from tests.mlflow_server import MlflowServer, free_port
 
 
