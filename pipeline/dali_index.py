@@ -169,7 +169,7 @@ def check_shard(shard: ShardInfo, required: tuple[str, ...] = schema.DALI_EXTS, 
         raise ShardError(f"shard {shard.tar} holds samples {keys[0]!r}..{keys[1]!r}, the manifest lists "
                          f"{shard.first_key!r}..{shard.last_key!r}: a swapped or stale shard; re-run "
                          f"launch/make_shards.py")
-    if shard.idx_sha256 and _sha256(shard.index) != shard.idx_sha256:
+    if shard.idx_sha256 and schema.sha256_file(shard.index) != shard.idx_sha256:
         raise ShardError(f"index {shard.index} is not the one the manifest lists for {shard.tar} (its sha256 "
                          f"differs): the shard or its index was replaced; re-run launch/make_shards.py")
     with open(shard.tar, "rb") as f:
@@ -196,16 +196,6 @@ def check_shard(shard: ShardInfo, required: tuple[str, ...] = schema.DALI_EXTS, 
         raise ShardError(f"shard {shard.tar} does not match its sha256 in the manifest: changed after conversion")
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verified_digest(path: Path) -> str:
     """sha256 of ``path``, computed once per file version: cached in ``$XDG_CACHE_HOME/cstn/shard_sha256.json``
     (default ``~/.cache``) under the real path, size, mtime and inode, so the data directory may be read-only
@@ -220,7 +210,7 @@ def _verified_digest(path: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    digest = _sha256(path)
+    digest = schema.sha256_file(path)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         try:

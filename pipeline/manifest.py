@@ -9,7 +9,6 @@ directory, in the node cache for a remote ``data.root``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.remote import is_remote
+from pipeline.schema import sha256_file
 from pipeline.request import ShardError, ShardInfo, SplitInfo
 from pipeline.shard_worker import ShardingError
 
@@ -28,15 +28,6 @@ FORMAT = "cstn-wds-1"
 
 
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def write_json(path: Path, obj: Any, indent: int | None = 1) -> None:

@@ -42,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pipeline import schema
+
 __all__ = ["is_remote", "ShardCache", "RemoteShardError", "REMOTE_SCHEMES", "default_cache_dir"]
 
 REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "http://", "https://", "az://", "abfs://")
@@ -177,7 +179,7 @@ class ShardCache:
             for shard in manifest.get("shards", []):
                 idx = local / shard["index_file"]
                 want = shard.get("idx_sha256")
-                if idx.is_file() and want and _sha256(idx) == want:
+                if idx.is_file() and want and schema.sha256_file(idx) == want:
                     continue
                 got = self._fetch(self.url(split, shard["index_file"]), idx, want)
                 if want and got != want:
@@ -280,11 +282,3 @@ def _answers(url: str, timeout_s: float = 5.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -1,4 +1,5 @@
-"""The shard sample contract: member names, their encodings, and the one box conversion.
+"""The shard sample contract: member names, their encodings, the one box conversion, and the one
+file digest (sha256) every check of a shard or index uses.
 
 One sample in a WebDataset shard is a group of tar members sharing ``__key__``:
 
@@ -25,7 +26,9 @@ input grid (a plain, aspect-changing resize, as the paper's 320 x 320 input).
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,3 +133,12 @@ def flip_boxes(boxes, width):
     out[..., 0] = width - boxes[..., 2]
     out[..., 2] = width - boxes[..., 0]
     return out
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (the manifest's ``sha256`` and ``idx_sha256``)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()
