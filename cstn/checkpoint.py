@@ -45,6 +45,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: damaged, incomplete or unreadable (the message names the file)."""
 
 
+class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
+    """A tag directory without ``meta.json``: a save that never completed (also a FileNotFoundError,
+    as a missing checkpoint is)."""
+
+
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
@@ -207,6 +212,8 @@ def find_resume(cfg: Config, resume: str | None, hashes: bool = True, names: lis
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint (a tag directory or a run's checkpoints/ directory)")
     problem = verify(path, names, hashes)
+    if problem and not (path / META).exists():
+        raise IncompleteCheckpointError(f"{path} is not a complete checkpoint: {problem}")
     if problem:
         raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
     return path

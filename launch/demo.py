@@ -41,11 +41,24 @@ HEADLINE = [("top1_cls", "Top-1 Class"), ("top1_loc", "Top-1 Loc"), ("gt_known_l
             ("gt_known_top5_loc", "GT-Known Top-5 box Loc")]
 
 FULL = {"num_train": 4000, "num_test": 1000, "num_heldout": 500, "image_size": 112, "samples_per_shard": 1000,
-        "overrides": []}
+        "overrides": [], "eval_ranks": 2}
 TINY = {"num_train": 48, "num_test": 24, "num_heldout": 16, "image_size": 96, "samples_per_shard": 16,
         "overrides": ["data.image_size=96", "data.batch_size=8", "data.eval_batch_size=8", "model.width=0.25",
                       "train.epochs=1", "train.max_steps=3", "train.log_every_steps=1", "eval.viz_samples=4",
-                      "log.system_metrics_interval_s=1"]}
+                      "log.system_metrics_interval_s=1"],
+        "eval_ranks": 1}
+"""``--tiny`` (CI): evaluations run as one process. A 2-rank launch of a 24-image evaluation spends 15 s
+where one process spends 8 (the launcher and the second rank start up); the 2-rank evaluation path
+is tested on its own (tests/test_evaluate.py: the same metrics on 1, 2 and 3 ranks)."""
+EVAL_RANKS = 2
+"""Ranks of every evaluation (``eval_ranks`` of the size in use: set by :func:`use_size`)."""
+
+
+def use_size(size: dict) -> dict:
+    """Make ``size`` (:data:`FULL` or :data:`TINY`) the one the steps below use; returns it."""
+    global EVAL_RANKS
+    EVAL_RANKS = size["eval_ranks"]
+    return size
 
 
 def sh(cmd: list[str], log: Path | None = None) -> None:
@@ -131,7 +144,7 @@ def train(config: str, name: str, out: Path, shards: Path, overrides: list[str])
 
 def evaluate(config: str, name: str, out: Path, data_root: Path, overrides: list[str], eval_name: str,
              extra: list[str] = ()) -> dict:
-    """2-rank evaluation of the run's latest checkpoint on ``data_root``'s test split, named
+    """Evaluation (:data:`EVAL_RANKS` ranks) of the run's latest checkpoint on ``data_root``'s test split, named
     ``eval_name`` (MLflow: ``eval/<eval_name>/<metric>`` in run ``name``).
 
     Skipped when the same request already produced ``metrics.json`` after the run finished (the
@@ -145,7 +158,8 @@ def evaluate(config: str, name: str, out: Path, data_root: Path, overrides: list
             and metrics.stat().st_mtime >= done.stat().st_mtime):
         print(f"= {name}: evaluation {eval_name!r} already done ({metrics})", flush=True)
     else:
-        sh([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "launch/evaluate.py", "--config", config,
+        launcher = [DEEPSPEED, "--num_gpus", str(EVAL_RANKS), "--master_port", free_port()] if EVAL_RANKS > 1 else [PY]
+        sh([*launcher, "launch/evaluate.py", "--config", config,
             *run_args(out, name, data_root, overrides), *extra, "--checkpoint", str(run_dir / "checkpoints"),
             "--out", str(eval_dir), "--name", eval_name], log=out / f"{name}_eval_{eval_name}.log")
         asked.write_text(request)
@@ -233,7 +247,7 @@ def main(argv=None) -> int:
     TRACKING_URI = args.tracking_uri
     if "all" in args.methods:
         args.methods = list(METHOD_TITLES)
-    size = TINY if args.tiny else FULL
+    size = use_size(TINY if args.tiny else FULL)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="demo output dir whose data/ to reuse (default: <out>)")
     p.add_argument("--tiny", action="store_true", help="a few images and steps (CI)")
     args = p.parse_args(argv)
-    size = demo.TINY if args.tiny else demo.FULL
+    size = demo.use_size(demo.TINY if args.tiny else demo.FULL)
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     shards, heldout = demo.make_data(Path(args.data).resolve() if args.data else out, size, seed=0)
