@@ -9,6 +9,9 @@ some 100 microseconds per member), other names go through :meth:`tarfile.TarInfo
 data and padding are hashed piece by piece and handed to ``os.writev`` a few MB at a time, so member
 data is never copied in Python.
 
+Measured by ``bench/tarwriter.py`` (3,000 converter samples of 7 members, one process): 2.0-3.1x
+webdataset's ``TarWriter`` while also hashing the stream and writing the index, identical bytes.
+
 Since it knows where every member's data starts, it also writes the shard's DALI index (the
 ``v1.2`` text format of DALI's ``wds2idx`` tool: one line per sample, ``ext offset size name`` per
 member) without listing the finished tar again.

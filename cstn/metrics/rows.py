@@ -86,7 +86,10 @@ def exactly_once(rows: dict[str, np.ndarray], owner: str, expected_total: int | 
                 raise ValueError(f"{owner}: global index {int(index[a[bad]])}{name_key} was evaluated twice with "
                                  f"different '{name}' values; the loader must give each index one sample")
     keep = order[first]
-    unique = {name: values[keep] for name, values in rows.items()}
+    if len(keep) == len(index) and (np.diff(index) > 0).all():  # already unique and sorted: no copy
+        unique = dict(rows)
+    else:
+        unique = {name: values[keep] for name, values in rows.items()}
     if expected_total is not None:
         _check_count(unique["index"], int(expected_total), contiguous, what)
     return unique
