@@ -20,7 +20,6 @@ given explicitly that fails is a :class:`CheckpointError` naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,7 @@ import torch
 
 from cstn import dist
 from cstn.config import LEGACY_MODEL_VALUES, Config, config_hash, flatten, to_dict
+from pipeline.schema import sha256_file
 
 META = "meta.json"
 
@@ -50,18 +50,9 @@ class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
     as a missing checkpoint is)."""
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _inventory(tag_dir: Path) -> dict[str, dict[str, Any]]:
     """Every file of a tag except ``meta.json``: name -> ``{"bytes", "sha256"}``."""
-    return {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(Path(tag_dir).iterdir()) if p.is_file() and p.name != META and not p.name.endswith(".tmp")}
 
 
@@ -89,7 +80,7 @@ def verify(tag_dir: str | Path, names: list[str] | None = None, hashes: bool = T
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{path} has {size} bytes, meta.json lists {expected['bytes']} (truncated or overwritten)"
-        if hashes and file_digest(path) != expected["sha256"]:
+        if hashes and sha256_file(path) != expected["sha256"]:
             return f"{path} does not match its sha256 in meta.json (overwritten or corrupted)"
     return None
 

@@ -401,9 +401,8 @@ class MaxBoxAccEvaluator:
         :func:`cstn.metrics.rows.exactly_once`; a different merged set raises ValueError.
         """
         curves = self.accuracy_curves()
-        state = self.state()
-        n = len(exactly_once({"index": state["index"], "bits": state["bits"]}, "MaxBoxAccEvaluator",
-                             expected_total, contiguous, what="score maps")["index"])
+        n = len(exactly_once(self._unique(), "MaxBoxAccEvaluator", expected_total, contiguous,
+                             what="score maps")["index"])
         out: dict[str, float] = {}
         for t in self._row_ious:
             name = iou_suffix(t)[1:]
